@@ -1,0 +1,33 @@
+# Everything a newcomer needs: `make run` and `make test` work from a fresh clone.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: setup run test lint bench soak clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+setup: $(STAMP)  ## venv, Python packages and the Kafka broker's jars (from Maven Central)
+	$(BIN)/python tools/localkafka.py fetch > /dev/null
+
+run: setup  ## the service on topics/ with demo data (starts a local broker if none is configured)
+	$(BIN)/python tools/run_demo.py
+
+lint: setup
+	$(BIN)/ruff check service tests tools examples bench
+	$(BIN)/ruff format --check service tests tools examples bench
+	$(BIN)/mypy
+
+test: lint  ## lint, type-check, and the whole suite against a real local broker
+	$(BIN)/pytest
+
+bench: setup  ## resync and live throughput against the raw-client limit (see README)
+	$(BIN)/python bench/run.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

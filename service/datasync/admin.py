@@ -1,0 +1,75 @@
+"""Declared topics on the broker: create the missing ones, learn their partitions."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+
+from datasync.bindings import TopicSpec
+from datasync.settings import KafkaSettings
+
+log = logging.getLogger(__name__)
+
+UNKNOWN_TOPIC = 3  # Kafka error code UNKNOWN_TOPIC_OR_PARTITION
+
+
+def topic_configs(spec: TopicSpec) -> dict[str, str]:
+    configs = {"cleanup.policy": "compact" if spec.compacted else "delete"}
+    configs.update(spec.config)
+    return configs
+
+
+async def prepare_topics(kafka: KafkaSettings, specs: list[TopicSpec], create: bool) -> dict[str, int]:
+    """Create the missing topics of ``specs`` (if ``create``); return each topic's partition count.
+
+    Raises RuntimeError naming a topic that does not exist and may not be created.
+    """
+    admin = AIOKafkaAdminClient(**kafka.client_options())
+    await admin.start()
+    try:
+        partitions = await _partitions(admin, [s.name for s in specs])
+        missing = [s for s in specs if s.name not in partitions]
+        if missing and not create:
+            raise RuntimeError(f"topic(s) {', '.join(s.name for s in missing)} do not exist (creation is disabled)")
+        if missing:
+            brokers = len((await admin.describe_cluster())["brokers"])
+            new = [
+                NewTopic(s.name, s.partitions, s.replication_factor or min(3, brokers), topic_configs=topic_configs(s))
+                for s in missing
+            ]
+            try:
+                await admin.create_topics(new)
+            except TopicAlreadyExistsError:
+                pass  # created concurrently by someone else: fine
+            for s in missing:
+                log.info(
+                    "created topic %s (%d partitions, %s)", s.name, s.partitions, topic_configs(s)["cleanup.policy"]
+                )
+            for _ in range(50):  # metadata reaches every broker shortly after creation
+                partitions = await _partitions(admin, [s.name for s in specs])
+                if len(partitions) == len(specs):
+                    break
+                await asyncio.sleep(0.1)
+            else:
+                raise RuntimeError(f"created topics did not appear: {[s.name for s in missing]}")
+        return partitions
+    finally:
+        await admin.close()
+
+
+async def _partitions(admin: AIOKafkaAdminClient, names: list[str]) -> dict[str, int]:
+    # Describe only topics that exist: describing a missing one can auto-create it with default settings.
+    existing = set(await admin.list_topics())
+    names = [n for n in names if n in existing]
+    if not names:
+        return {}
+    found = {}
+    for topic in await admin.describe_topics(names):
+        if topic["error_code"] == 0 and topic["partitions"]:
+            found[topic["topic"]] = len(topic["partitions"])
+        elif topic["error_code"] != UNKNOWN_TOPIC:
+            raise RuntimeError(f"cannot describe topic {topic['topic']}: Kafka error {topic['error_code']}")
+    return found

@@ -1,0 +1,177 @@
+"""Topic-to-plugin bindings: the YAML files under ``topics/``, validated before connecting.
+
+Files are read in name order; plugins resync in the order they are declared
+(file by file). Every error names the file and the field.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from datasync.codecs import Codec, codec_for
+from datasync.errors import ConfigError
+from datasync.schemas import SchemaStore
+
+_TOPIC_NAME = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class TopicSpec(_Model):
+    """A topic holding desired state (or, later, receiving published records)."""
+
+    name: str
+    partitions: int = Field(default=1, ge=1)
+    replication_factor: int | None = Field(default=None, ge=1, description="default: min(3, brokers)")
+    compacted: bool = True
+    key: str = "string"
+    value: str = "bytes"
+    config: dict[str, str] = Field(default_factory=dict, description="extra topic configs")
+
+    @field_validator("name")
+    @classmethod
+    def _valid_name(cls, name: str) -> str:
+        if not _TOPIC_NAME.match(name) or name in (".", ".."):
+            raise ValueError("a Kafka topic name: 1-249 of [A-Za-z0-9._-]")
+        return name
+
+    @field_validator("key")
+    @classmethod
+    def _string_keys(cls, key: str) -> str:
+        if key != "string":
+            raise ValueError("keys are UTF-8 strings: use 'string'")
+        return key
+
+
+class WatchSpec(_Model):
+    topic: str
+    prefixes: list[str] = Field(default_factory=lambda: [""], min_length=1)
+
+
+class PluginSpec(_Model):
+    name: str = Field(min_length=1)
+    class_: str = Field(alias="class", pattern=r"^[\w.]+:[\w.]+$")
+    watch: list[WatchSpec] = Field(min_length=1)
+    settings: dict[str, Any] = Field(default_factory=dict)
+
+
+class BindingsFile(_Model):
+    topics: list[TopicSpec] = Field(default_factory=list)
+    plugins: list[PluginSpec] = Field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Topic:
+    spec: TopicSpec
+    codec: Codec
+    source: str
+
+
+@dataclass(frozen=True)
+class PluginBinding:
+    spec: PluginSpec
+    factory: type
+    source: str
+
+
+@dataclass(frozen=True)
+class Bindings:
+    topics: dict[str, Topic]
+    plugins: list[PluginBinding]
+    schemas: SchemaStore
+
+
+def load_bindings(topics_dir: Path, schemas_dir: Path) -> Bindings:
+    """Read, validate and resolve every binding file. Raises ConfigError."""
+    schemas = SchemaStore.load(schemas_dir)
+    files = sorted(topics_dir.glob("*.y*ml")) if topics_dir.is_dir() else []
+    if not files:
+        raise ConfigError(str(topics_dir), "", "no bindings (*.yaml) found")
+    topics: dict[str, Topic] = {}
+    plugins: list[PluginBinding] = []
+    parsed = [(str(path), _read(path)) for path in files]
+    for source, doc in parsed:
+        for i, spec in enumerate(doc.topics):
+            where = f"topics[{i}]"
+            if spec.name in topics:
+                raise ConfigError(
+                    source, f"{where}.name", f"topic {spec.name!r} is already declared in {topics[spec.name].source}"
+                )
+            try:
+                codec = codec_for(spec.value, schemas)
+            except ValueError as exc:
+                raise ConfigError(source, f"{where}.value", str(exc)) from exc
+            topics[spec.name] = Topic(spec, codec, source)
+    names: dict[str, str] = {}
+    for source, doc in parsed:
+        for i, plugin in enumerate(doc.plugins):
+            where = f"plugins[{i}]"
+            if plugin.name in names:
+                raise ConfigError(
+                    source, f"{where}.name", f"plugin {plugin.name!r} is already declared in {names[plugin.name]}"
+                )
+            names[plugin.name] = source
+            for j, watch in enumerate(plugin.watch):
+                if watch.topic not in topics:
+                    raise ConfigError(
+                        source,
+                        f"{where}.watch[{j}].topic",
+                        f"unknown topic {watch.topic!r} (declared: {', '.join(topics) or 'none'})",
+                    )
+            try:
+                factory = import_plugin(plugin.class_)
+            except ValueError as exc:
+                raise ConfigError(source, f"{where}.class", str(exc)) from exc
+            plugins.append(PluginBinding(plugin, factory, source))
+    return Bindings(topics, plugins, schemas)
+
+
+def import_plugin(path: str) -> type:
+    """Import ``module:Class`` and check that it looks like a plugin."""
+    module_name, _, attr = path.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:
+        raise ValueError(f"cannot import module {module_name!r}: {exc}") from exc
+    obj: Any = module
+    for part in attr.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            raise ValueError(f"module {module_name!r} has no attribute {attr!r}")
+    if not isinstance(obj, type) or not all(callable(getattr(obj, m, None)) for m in ("resync", "change")):
+        raise ValueError(f"{path!r} is not a plugin class (needs async resync() and change())")
+    return obj
+
+
+def _read(path: Path) -> BindingsFile:
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(str(path), "", f"cannot read: {exc}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(str(path), "", f"invalid YAML: {exc}") from exc
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(str(path), "", "expected a mapping with 'topics' and 'plugins'")
+    try:
+        return BindingsFile.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise ConfigError(str(path), _loc(err["loc"]), err["msg"]) from exc
+
+
+def _loc(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out

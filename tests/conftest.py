@@ -1,0 +1,70 @@
+"""Shared fixtures: one real Kafka broker per test session, unique topics, helpers."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiokafka import AIOKafkaProducer
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tools"))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from localkafka import LocalBroker  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def bootstrap() -> Iterator[str]:
+    """A broker for the whole session; DATASYNC_TEST_BOOTSTRAP reuses a running one."""
+    existing = os.environ.get("DATASYNC_TEST_BOOTSTRAP")
+    if existing:
+        yield existing
+        return
+    broker = LocalBroker().start()
+    try:
+        yield broker.bootstrap
+    finally:
+        broker.stop()
+
+
+@pytest.fixture
+def topic() -> str:
+    return f"t-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+async def producer(bootstrap: str) -> AsyncIterator[AIOKafkaProducer]:
+    p = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True, linger_ms=5)
+    await p.start()
+    try:
+        yield p
+    finally:
+        await p.stop()
+
+
+async def put_all(producer: AIOKafkaProducer, topic: str, records: list[tuple[Any, ...]]) -> list[int]:
+    """Produce ``(key, value[, partition])`` records in order; return their offsets."""
+    wanted = {rec[2] for rec in records if len(rec) > 2}
+    for _ in range(50):  # a just-created topic's partitions reach the producer's metadata shortly
+        if wanted <= await producer.partitions_for(topic):
+            break
+        await producer.client.force_metadata_update()
+        await asyncio.sleep(0.1)
+    futures = []
+    for rec in records:
+        key, value = rec[0], rec[1]
+        partition = rec[2] if len(rec) > 2 else None
+        raw_key = key.encode() if isinstance(key, str) else key
+        raw_value = value.encode() if isinstance(value, str) else value
+        futures.append(await producer.send(topic, value=raw_value, key=raw_key, partition=partition))
+    offsets = []
+    for fut in futures:
+        offsets.append((await fut).offset)
+    return offsets

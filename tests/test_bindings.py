@@ -1,0 +1,96 @@
+"""Bindings validation: every mistake names the file and the field, and the CLI exits 2."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from datasync.bindings import load_bindings
+from datasync.cli import main
+from datasync.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+GOOD = """
+topics:
+  - name: demo.config
+    partitions: 3
+    value: avro:demo.Interface
+plugins:
+  - name: interfaces
+    class: recorder:Recorder
+    watch: [{topic: demo.config, prefixes: ["config/interfaces/"]}]
+"""
+
+
+@pytest.fixture
+def dirs(tmp_path: Path) -> tuple[Path, Path]:
+    topics, schemas = tmp_path / "topics", tmp_path / "schemas"
+    topics.mkdir()
+    shutil.copytree(ROOT / "schemas", schemas)
+    return topics, schemas
+
+
+def test_example_bindings_load() -> None:
+    bindings = load_bindings(ROOT / "topics", ROOT / "schemas")
+    assert [p.spec.name for p in bindings.plugins] == ["interfaces", "routes"]
+    assert bindings.topics["demo.interfaces"].codec.spec == "avro:demo.Interface"
+
+
+def test_good_file(dirs: tuple[Path, Path]) -> None:
+    topics, schemas = dirs
+    (topics / "a.yaml").write_text(GOOD)
+    bindings = load_bindings(topics, schemas)
+    assert bindings.topics["demo.config"].spec.partitions == 3
+
+
+@pytest.mark.parametrize(
+    "edit, field, message",
+    [
+        (("recorder:Recorder", "recorder:Nope"), "plugins[0].class", "has no attribute 'Nope'"),
+        (("recorder:Recorder", "no_such_module:X"), "plugins[0].class", "cannot import module"),
+        (("avro:demo.Interface", "avro:demo.Missing"), "topics[0].value", "unknown Avro schema"),
+        (("{topic: demo.config,", "{topic: demo.other,"), "plugins[0].watch[0].topic", "unknown topic 'demo.other'"),
+        (("partitions: 3", "partitions: 0"), "topics[0].partitions", "greater than or equal to 1"),
+        (("partitions: 3", "partitons: 3"), "topics[0].partitons", "Extra inputs"),
+        (("name: demo.config", "name: bad/name"), "topics[0].name", "Kafka topic name"),
+        (("watch: [", "watch: [[["), "", "invalid YAML"),
+    ],
+)
+def test_errors_name_file_and_field(dirs: tuple[Path, Path], edit: tuple[str, str], field: str, message: str) -> None:
+    topics, schemas = dirs
+    (topics / "a.yaml").write_text(GOOD.replace(*edit))
+    with pytest.raises(ConfigError) as err:
+        load_bindings(topics, schemas)
+    assert err.value.source.endswith("a.yaml") and err.value.field == field
+    assert message in err.value.message
+
+
+def test_duplicate_names_across_files(dirs: tuple[Path, Path]) -> None:
+    topics, schemas = dirs
+    (topics / "a.yaml").write_text(GOOD)
+    (topics / "b.yaml").write_text(GOOD)
+    with pytest.raises(ConfigError, match=r"b.yaml: topics\[0\].name: topic 'demo.config' is already declared"):
+        load_bindings(topics, schemas)
+    (topics / "b.yaml").write_text(
+        GOOD.split("plugins:")[0].replace("demo.config", "x") + "plugins:" + GOOD.split("plugins:")[1]
+    )
+    with pytest.raises(ConfigError, match=r"plugins\[0\].name: plugin 'interfaces' is already declared"):
+        load_bindings(topics, schemas)
+
+
+def test_check_command_exit_codes(dirs: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    topics, schemas = dirs
+    (topics / "a.yaml").write_text(GOOD)
+    assert main(["--topics-dir", str(topics), "--schemas-dir", str(schemas), "check"]) == 0
+    (topics / "a.yaml").write_text(GOOD.replace("recorder:Recorder", "recorder:Nope"))
+    assert main(["--topics-dir", str(topics), "--schemas-dir", str(schemas), "check"]) == 2
+    assert "a.yaml: plugins[0].class" in capsys.readouterr().err
+    assert main(["--topics-dir", str(topics / "missing"), "check"]) == 2
+
+
+def test_bad_setting_names_the_variable(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("DATASYNC_SYNC__RESYNC_MAX_ATTEMPTS", "zero")
+    assert main(["check"]) == 2
+    assert "DATASYNC_SYNC__RESYNC_MAX_ATTEMPTS" in capsys.readouterr().err

@@ -1,0 +1,129 @@
+"""Codecs and the schema store: pure logic, no broker."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from datasync.codecs import AvroCodec, BytesCodec, JsonCodec, StringCodec, codec_for
+from datasync.errors import ConfigError, DecodeError, EncodeError
+from datasync.schemas import SchemaStore
+
+V1 = {
+    "type": "record",
+    "name": "Interface",
+    "namespace": "demo",
+    "fields": [{"name": "name", "type": "string"}, {"name": "mtu", "type": "int"}],
+}
+V2 = {
+    "type": "record",
+    "name": "Interface",
+    "namespace": "demo",
+    "fields": [
+        {"name": "name", "type": "string"},
+        {"name": "mtu", "type": "int"},
+        {"name": "enabled", "type": "boolean", "default": True},
+    ],
+}
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> SchemaStore:
+    (tmp_path / "demo").mkdir()
+    (tmp_path / "demo" / "Interface.avsc").write_text(json.dumps(V2))
+    (tmp_path / "demo" / "Interface.v1.avsc").write_text(json.dumps(V1))
+    (tmp_path / "demo" / "Link.avsc").write_text(
+        json.dumps(
+            {"type": "record", "name": "Link", "namespace": "demo", "fields": [{"name": "a", "type": "demo.Interface"}]}
+        )
+    )
+    return SchemaStore.load(tmp_path)
+
+
+def test_single_object_encoding_layout(store: SchemaStore) -> None:
+    codec = AvroCodec(store, store.get("demo.Interface"))
+    raw = codec.encode({"name": "eth0", "mtu": 9000, "enabled": False})
+    assert raw[:2] == b"\xc3\x01" and raw[2:10] == store.get("demo.Interface").fingerprint  # type: ignore[union-attr]
+    assert codec.decode(raw) == {"name": "eth0", "mtu": 9000, "enabled": False}
+
+
+def test_fingerprint_matches_the_avro_spec() -> None:
+    # CRC-64-AVRO of the canonical form "int" is 0x7275d51a3f395c8f (Avro spec test vector), little-endian on the wire
+    from fastavro.schema import fingerprint
+
+    assert bytes.fromhex(fingerprint('"int"', "CRC-64-AVRO")) == (0x7275D51A3F395C8F).to_bytes(8, "little")
+
+
+def test_old_writer_schema_resolves_to_the_reader(store: SchemaStore) -> None:
+    old = next(s for s in store.by_fingerprint.values() if s.source.endswith("Interface.v1.avsc"))
+    raw = AvroCodec(store).encode({"name": "eth1", "mtu": 1500}, old)
+    assert AvroCodec(store, store.get("demo.Interface")).decode(raw) == {"name": "eth1", "mtu": 1500, "enabled": True}
+    assert AvroCodec(store).decode(raw) == {"name": "eth1", "mtu": 1500}  # no reader: writer's view
+
+
+def test_references_between_files(store: SchemaStore) -> None:
+    codec = AvroCodec(store, store.get("demo.Link"))
+    value = {"a": {"name": "x", "mtu": 1, "enabled": True}}
+    assert codec.decode(codec.encode(value)) == value
+
+
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        (b"plain", "no C3 01 header"),
+        (b"\xc3\x01" + b"\x00" * 8 + b"\x02", "unknown Avro schema fingerprint"),
+    ],
+)
+def test_bad_avro_is_a_decode_error(store: SchemaStore, raw: bytes, message: str) -> None:
+    with pytest.raises(DecodeError, match=message):
+        AvroCodec(store, store.get("demo.Interface")).decode(raw)
+
+
+def test_truncated_and_trailing_bytes(store: SchemaStore) -> None:
+    codec = AvroCodec(store, store.get("demo.Interface"))
+    raw = codec.encode({"name": "eth0", "mtu": 9000, "enabled": True})
+    with pytest.raises(DecodeError):
+        codec.decode(raw[:-3])
+    with pytest.raises(DecodeError, match="trailing"):
+        codec.decode(raw + b"\x00")
+
+
+def test_encode_rejects_a_value_that_does_not_match(store: SchemaStore) -> None:
+    with pytest.raises(EncodeError, match=r"demo\.Interface"):
+        AvroCodec(store, store.get("demo.Interface")).encode({"name": "eth0", "mtu": "big"})
+
+
+def test_json_with_and_without_schema(store: SchemaStore) -> None:
+    assert JsonCodec().decode(b'{"a": 1}') == {"a": 1}
+    with pytest.raises(DecodeError, match="invalid JSON"):
+        JsonCodec().decode(b"{nope")
+    checked = JsonCodec(store.get("demo.Interface"))
+    assert checked.decode(b'{"name": "x", "mtu": 1, "enabled": true}')["mtu"] == 1
+    with pytest.raises(DecodeError, match="does not match"):
+        checked.decode(b'{"name": "x"}')
+
+
+def test_string_and_bytes() -> None:
+    assert StringCodec().decode(StringCodec().encode("é")) == "é"
+    with pytest.raises(DecodeError):
+        StringCodec().decode(b"\xff")
+    assert BytesCodec().decode(b"\x00") == b"\x00"
+
+
+def test_codec_for(store: SchemaStore) -> None:
+    assert codec_for("avro:demo.Interface", store).spec == "avro:demo.Interface"
+    assert codec_for("avro", store).spec == "avro"
+    with pytest.raises(ValueError, match=r"unknown Avro schema 'demo\.Nope'"):
+        codec_for("avro:demo.Nope", store)
+    with pytest.raises(ValueError, match="unknown codec"):
+        codec_for("protobuf", store)
+
+
+def test_broken_schema_file_is_named(tmp_path: Path) -> None:
+    (tmp_path / "Bad.avsc").write_text('{"type": "record", "name": "Bad", "fields": [{"name": "x", "type": "nope"}]}')
+    with pytest.raises(ConfigError, match=r"Bad\.avsc"):
+        SchemaStore.load(tmp_path)
+    (tmp_path / "Bad.avsc").write_text("{not json")
+    with pytest.raises(ConfigError, match="cannot read schema"):
+        SchemaStore.load(tmp_path)

@@ -1,0 +1,168 @@
+"""A single-node Apache Kafka broker (KRaft) on 127.0.0.1, for tests and ``make run``.
+
+The broker's jars come from Maven Central through ``tools/kafka/pom.xml`` and
+are cached under ``$DATASYNC_KAFKA_CACHE`` (default ``~/.cache/datasync``).
+Data lives in a temporary directory that is removed on stop.
+
+    python tools/localkafka.py run     # start, print the bootstrap address, wait for Ctrl-C
+    python tools/localkafka.py fetch   # only download the jars
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+POM = HERE / "kafka" / "pom.xml"
+LOG4J = HERE / "kafka" / "log4j2.yaml"
+
+
+def cache_dir() -> Path:
+    root = Path(os.environ.get("DATASYNC_KAFKA_CACHE", Path.home() / ".cache" / "datasync"))
+    version = POM.read_text().split("<kafka.version>")[1].split("<")[0]
+    return root / f"kafka-{version}"
+
+
+def fetch_jars() -> Path:
+    """Download the broker's jars once; return the directory holding them."""
+    libs = cache_dir() / "libs"
+    marker = libs / ".complete"
+    if marker.exists():
+        return libs
+    tmp = libs.with_name("libs.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    subprocess.run(
+        [
+            "mvn",
+            "-q",
+            "-B",
+            "-f",
+            str(POM),
+            "dependency:copy-dependencies",
+            "-DincludeScope=runtime",
+            f"-DoutputDirectory={tmp}",
+        ],
+        check=True,
+    )
+    shutil.rmtree(libs, ignore_errors=True)
+    tmp.rename(libs)
+    marker.touch()
+    return libs
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class LocalBroker:
+    """Start with ``start()``, stop with ``stop()``; ``bootstrap`` is the address to use."""
+
+    def __init__(self, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.controller_port = free_port()
+        self.bootstrap = f"127.0.0.1:{self.port}"
+        self.workdir = Path(tempfile.mkdtemp(prefix="datasync-kafka-"))
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def _java(self, libs: Path, main: str, *args: str) -> list[str]:
+        return ["java", "-Xms256m", "-Xmx768m", "-cp", f"{libs}/*", f"-Dlog4j2.configurationFile={LOG4J}", main, *args]
+
+    def start(self, timeout: float = 60.0) -> LocalBroker:
+        libs = fetch_jars()
+        props = self.workdir / "server.properties"
+        props.write_text(
+            "\n".join(
+                [
+                    "process.roles=broker,controller",
+                    "node.id=1",
+                    f"controller.quorum.voters=1@127.0.0.1:{self.controller_port}",
+                    f"listeners=PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}",
+                    f"advertised.listeners=PLAINTEXT://127.0.0.1:{self.port}",
+                    "controller.listener.names=CONTROLLER",
+                    "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+                    f"log.dirs={self.workdir / 'data'}",
+                    "num.partitions=1",
+                    "auto.create.topics.enable=false",
+                    "offsets.topic.replication.factor=1",
+                    "transaction.state.log.replication.factor=1",
+                    "transaction.state.log.min.isr=1",
+                    "share.coordinator.state.topic.replication.factor=1",
+                    "group.initial.rebalance.delay.ms=0",
+                    "log.cleaner.backoff.ms=1000",
+                    "",
+                ]
+            )
+        )
+        cluster_id = uuid.uuid4().hex[:22]
+        subprocess.run(
+            self._java(libs, "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(props)),
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+        log = open(self.workdir / "broker.log", "wb")
+        self.process = subprocess.Popen(
+            self._java(libs, "kafka.Kafka", str(props)), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        self._wait_ready(timeout)
+        return self
+
+    def _wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise RuntimeError(f"Kafka broker exited early:\n{self.log_tail()}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                    return
+            except OSError:
+                time.sleep(0.2)
+        self.stop()
+        raise TimeoutError(f"Kafka broker not ready after {timeout}s:\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 30) -> str:
+        path = self.workdir / "broker.log"
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def main(argv: list[str]) -> int:
+    command = argv[1] if len(argv) > 1 else "run"
+    if command == "fetch":
+        print(fetch_jars())
+        return 0
+    if command != "run":
+        print(__doc__, file=sys.stderr)
+        return 2
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    broker = LocalBroker(port=int(os.environ.get("KAFKA_PORT", "0")) or None).start()
+    print(f"Kafka broker ready on {broker.bootstrap} (data in {broker.workdir})", flush=True)
+    try:
+        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+    finally:
+        broker.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
