@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
+LINT_DIRS := service tests tools examples $(wildcard bench)
 
 .PHONY: setup run test lint bench soak clean
 
@@ -19,8 +20,8 @@ run: setup  ## the service on topics/ with demo data (starts a local broker if n
 	$(BIN)/python tools/run_demo.py
 
 lint: setup
-	$(BIN)/ruff check service tests tools examples bench
-	$(BIN)/ruff format --check service tests tools examples bench
+	$(BIN)/ruff check $(LINT_DIRS)
+	$(BIN)/ruff format --check $(LINT_DIRS)
 	$(BIN)/mypy
 
 test: lint  ## lint, type-check, and the whole suite against a real local broker

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaProducer
+
 from localkafka import LocalBroker
 
 

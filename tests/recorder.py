@@ -8,7 +8,9 @@ from datasync import ChangeEvent, Plugin, ResyncEvent
 
 
 class Recorder(Plugin):
-    def __init__(self, name: str, journal: list[tuple[str, str]] | None = None, fail_resyncs: int = 0) -> None:
+    def __init__(
+        self, name: str = "recorder", journal: list[tuple[str, str]] | None = None, fail_resyncs: int = 0
+    ) -> None:
         self.name = name
         self.journal = journal if journal is not None else []
         self.fail_resyncs = fail_resyncs

@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+
 from datasync.bindings import load_bindings
 from datasync.cli import main
 from datasync.errors import ConfigError

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from datasync.codecs import AvroCodec, BytesCodec, JsonCodec, StringCodec, codec_for
 from datasync.errors import ConfigError, DecodeError, EncodeError
 from datasync.schemas import SchemaStore

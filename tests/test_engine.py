@@ -8,13 +8,15 @@ from pathlib import Path
 
 import pytest
 from aiokafka import AIOKafkaProducer
-from conftest import put_all
+
 from datasync import DataSync, PluginState
 from datasync.admin import prepare_topics
 from datasync.bindings import TopicSpec
 from datasync.codecs import AvroCodec, StringCodec
 from datasync.schemas import SchemaStore
 from datasync.settings import KafkaSettings, SyncSettings
+
+from conftest import put_all
 from recorder import Recorder
 
 FAST = SyncSettings(resync_backoff_s=0.3, change_backoff_s=0.01, fetch_max_records=500)

@@ -24,6 +24,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 from datasync.admin import prepare_topics  # noqa: E402
 from datasync.bindings import load_bindings  # noqa: E402
 from datasync.settings import KafkaSettings  # noqa: E402
+
 from localkafka import LocalBroker  # noqa: E402
 
 IFACES = "config/vpp/v2/interfaces/"

@@ -1,4 +1,4 @@
-"""Declared topics on the broker: create the missing ones, learn their partitions."""
+"""Declared topics on the broker: create the missing ones, learn their partitions, check them."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import asyncio
 import logging
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import TopicAlreadyExistsError
 
 from datasync.bindings import TopicSpec
@@ -73,3 +74,47 @@ async def _partitions(admin: AIOKafkaAdminClient, names: list[str]) -> dict[str,
         elif topic["error_code"] != UNKNOWN_TOPIC:
             raise RuntimeError(f"cannot describe topic {topic['topic']}: Kafka error {topic['error_code']}")
     return found
+
+
+async def missing_topics(kafka: KafkaSettings, names: list[str]) -> list[str]:
+    admin = AIOKafkaAdminClient(**kafka.client_options())
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+    finally:
+        await admin.close()
+    return [n for n in names if n not in existing]
+
+
+async def check_topics(kafka: KafkaSettings, specs: list[TopicSpec]) -> list[str]:
+    """Compare declared topics with the broker: existence, partitions, cleanup policy."""
+    admin = AIOKafkaAdminClient(**kafka.client_options())
+    await admin.start()
+    try:
+        partitions = await _partitions(admin, [s.name for s in specs])
+        present = [s for s in specs if s.name in partitions]
+        policies = await _cleanup_policies(admin, [s.name for s in present])
+    finally:
+        await admin.close()
+    problems = [f"topic {s.name}: does not exist" for s in specs if s.name not in partitions]
+    for s in present:
+        if partitions[s.name] != s.partitions:
+            problems.append(f"topic {s.name}: has {partitions[s.name]} partitions, declared {s.partitions}")
+        policy = policies.get(s.name, "")
+        if s.compacted and "compact" not in policy:
+            problems.append(f"topic {s.name}: declared compacted but cleanup.policy={policy}")
+        if not s.compacted and "compact" in policy:
+            problems.append(f"topic {s.name}: declared not compacted but cleanup.policy={policy}")
+    return problems
+
+
+async def _cleanup_policies(admin: AIOKafkaAdminClient, names: list[str]) -> dict[str, str]:
+    if not names:
+        return {}
+    resources = [ConfigResource(ConfigResourceType.TOPIC, name) for name in names]
+    policies = {}
+    for response in await admin.describe_configs(resources):
+        for error_code, _message, _type, name, entries in response.resources:
+            if error_code == 0:
+                policies[name] = next((e[1] for e in entries if e[0] == "cleanup.policy"), "")
+    return policies

@@ -81,6 +81,7 @@ class PluginBinding:
     spec: PluginSpec
     factory: type
     source: str
+    field: str  # where it is declared, e.g. plugins[1]
 
 
 @dataclass(frozen=True)
@@ -131,7 +132,7 @@ def load_bindings(topics_dir: Path, schemas_dir: Path) -> Bindings:
                 factory = import_plugin(plugin.class_)
             except ValueError as exc:
                 raise ConfigError(source, f"{where}.class", str(exc)) from exc
-            plugins.append(PluginBinding(plugin, factory, source))
+            plugins.append(PluginBinding(plugin, factory, source, where))
     return Bindings(topics, plugins, schemas)
 
 

@@ -1,35 +1,72 @@
-"""The ``datasync`` command: ``run`` the service, ``check`` the bindings offline."""
+"""The ``datasync`` command.
+
+  run                     run the service on the bindings
+  check [--broker]        validate topics/ and schemas/ (and, with --broker, the topics on the broker)
+  topics create           create the declared topics that are missing
+  dump TOPIC              read a topic to its end and print its state as JSON lines
+  publish TOPIC KEY JSON  encode a value with the topic's codec and produce it ('null' deletes)
+
+Exit status: 0 success, 1 runtime failure, 2 invalid settings or bindings.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import json
 import logging
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
+from aiokafka import AIOKafkaProducer
 from pydantic import ValidationError
 
-from datasync.bindings import Bindings, load_bindings
+from datasync.admin import check_topics, missing_topics, prepare_topics
+from datasync.api import KeyValues
+from datasync.bindings import Bindings, Topic, load_bindings
 from datasync.engine import DataSync
-from datasync.errors import ConfigError
-from datasync.settings import Settings
+from datasync.errors import ConfigError, EncodeError
+from datasync.logs import setup_logging
+from datasync.settings import Settings, SyncSettings
+from datasync.web import HttpServer
 
 EXIT_CONFIG = 2
+log = logging.getLogger("datasync")
+
+
+def _parser() -> argparse.ArgumentParser:
+    # SUPPRESS: an option left out after the command must not reset one given before it.
+    common = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
+    common.add_argument("--topics-dir", type=Path, help="bindings directory (DATASYNC_TOPICS_DIR, default topics)")
+    common.add_argument("--schemas-dir", type=Path, help="Avro schemas (DATASYNC_SCHEMAS_DIR, default schemas)")
+    common.add_argument("--bootstrap-servers", help="Kafka bootstrap servers (DATASYNC_KAFKA__BOOTSTRAP_SERVERS)")
+    common.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="DATASYNC_LOG_LEVEL")
+    common.add_argument("--log-format", choices=["text", "json"], help="DATASYNC_LOG_FORMAT")
+    parser = argparse.ArgumentParser(
+        prog="datasync", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, parents=[common]
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    run = commands.add_parser("run", parents=[common], help="run the service on the bindings")
+    run.add_argument("--http-port", type=int, help="HTTP port (DATASYNC_HTTP__PORT, default 8080)")
+    check = commands.add_parser("check", parents=[common], help="validate topics/ and schemas/")
+    check.add_argument("--broker", action="store_true", help="also check the declared topics on the broker")
+    topics = commands.add_parser("topics", parents=[common], help="manage the declared topics")
+    topics.add_argument("action", choices=["create"], help="create: create the declared topics that are missing")
+    dump = commands.add_parser("dump", parents=[common], help="print a topic's current state as JSON lines")
+    dump.add_argument("topic")
+    dump.add_argument("--prefix", default="", help="only keys with this prefix")
+    publish = commands.add_parser("publish", parents=[common], help="encode and produce one value")
+    publish.add_argument("topic")
+    publish.add_argument("key")
+    publish.add_argument("value", help="the value as JSON ('null' writes a tombstone)")
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="datasync", description=__doc__)
-    parser.add_argument("--topics-dir", type=Path, help="bindings directory (default: topics)")
-    parser.add_argument("--schemas-dir", type=Path, help="Avro schemas directory (default: schemas)")
-    parser.add_argument("--bootstrap-servers", help="Kafka bootstrap servers (DATASYNC_KAFKA__BOOTSTRAP_SERVERS)")
-    parser.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("run", help="run the service on the bindings")
-    commands.add_parser("check", help="validate topics/ and schemas/ without connecting")
-    args = parser.parse_args(argv)
-
+    args = _parser().parse_args(argv)
     try:
         settings = _settings(args)
     except ValidationError as exc:
@@ -37,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         field = "DATASYNC_" + "__".join(str(p) for p in err["loc"]).upper()
         print(f"datasync: invalid setting {field}: {err['msg']}", file=sys.stderr)
         return EXIT_CONFIG
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(settings.log_level, settings.log_format)
     # Plugin classes are named relative to the working directory (e.g. examples.demo:Interfaces).
     sys.path.insert(0, str(Path.cwd()))
     try:
@@ -45,29 +82,32 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"datasync: invalid bindings: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    if args.command == "check":
+    if args.command == "check" and not args.broker:
         _describe(bindings)
         return 0
     if not settings.kafka.bootstrap_servers:
-        print(
-            "datasync: no Kafka configured: set DATASYNC_KAFKA__BOOTSTRAP_SERVERS or --bootstrap-servers",
-            file=sys.stderr,
-        )
+        print("datasync: no Kafka configured: set DATASYNC_KAFKA__BOOTSTRAP_SERVERS or --bootstrap-servers",
+              file=sys.stderr)  # fmt: skip
         return EXIT_CONFIG
-    return asyncio.run(_run(settings, bindings))
+    command = {"run": _run, "check": _check_broker, "topics": _create_topics, "dump": _dump, "publish": _publish}
+    try:
+        return asyncio.run(command[args.command](settings, bindings, args))
+    except ConfigError as exc:
+        print(f"datasync: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    overrides: dict[str, object] = {}
-    if args.topics_dir:
-        overrides["topics_dir"] = args.topics_dir
-    if args.schemas_dir:
-        overrides["schemas_dir"] = args.schemas_dir
-    if args.log_level:
-        overrides["log_level"] = args.log_level
-    settings = Settings(**overrides)  # type: ignore[arg-type]
-    if args.bootstrap_servers:
+    overrides: dict[str, Any] = {}
+    for flag, field in (("topics_dir", "topics_dir"), ("schemas_dir", "schemas_dir"), ("log_level", "log_level"),
+                        ("log_format", "log_format")):  # fmt: skip
+        if getattr(args, flag, None):
+            overrides[field] = getattr(args, flag)
+    settings = Settings(**overrides)
+    if getattr(args, "bootstrap_servers", None):
         settings.kafka.bootstrap_servers = args.bootstrap_servers
+    if getattr(args, "http_port", None) is not None:
+        settings.http.port = args.http_port
     return settings
 
 
@@ -81,18 +121,105 @@ def _describe(bindings: Bindings) -> None:
     print("bindings OK")
 
 
-async def _run(settings: Settings, bindings: Bindings) -> int:
+def _topic(bindings: Bindings, name: str) -> Topic:
+    if name not in bindings.topics:
+        raise ConfigError(name, "", f"not a declared topic (declared: {', '.join(bindings.topics)})")
+    return bindings.topics[name]
+
+
+async def _run(settings: Settings, bindings: Bindings, args: argparse.Namespace) -> int:
+    problems = await check_topics(settings.kafka, [t.spec for t in bindings.topics.values()])
+    fatal = [p for p in problems if "cleanup.policy" in p]
+    for problem in problems:
+        log.log(logging.ERROR if problem in fatal else logging.WARNING, "%s", problem)
+    if fatal:
+        return EXIT_CONFIG
     engine = DataSync.from_bindings(bindings, settings.kafka, settings.sync)
+    http = HttpServer(engine, settings.http) if settings.http.enabled else None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await engine.start()
     try:
+        if http is not None:
+            await http.start()
+            log.info("HTTP on %s:%d (/metrics /healthz /readyz /v1/status)", settings.http.host, http.port)
         await stop.wait()
     finally:
-        logging.getLogger("datasync").info("shutting down")
+        log.info("shutting down")
+        if http is not None:
+            await http.stop()
         await engine.stop()
+    log.info("stopped")
+    return 0
+
+
+async def _check_broker(settings: Settings, bindings: Bindings, args: argparse.Namespace) -> int:
+    _describe(bindings)
+    problems = await check_topics(settings.kafka, [t.spec for t in bindings.topics.values()])
+    for problem in problems:
+        print(problem)
+    print("broker OK" if not problems else f"{len(problems)} problem(s) on the broker")
+    return 1 if problems else 0
+
+
+async def _create_topics(settings: Settings, bindings: Bindings, args: argparse.Namespace) -> int:
+    specs = [t.spec for t in bindings.topics.values()]
+    missing = await missing_topics(settings.kafka, [s.name for s in specs])
+    await prepare_topics(settings.kafka, specs, create=True)
+    for spec in specs:
+        print(f"{spec.name}: {'created' if spec.name in missing else 'exists'}")
+    return 0
+
+
+async def _dump(settings: Settings, bindings: Bindings, args: argparse.Namespace) -> int:
+    topic = _topic(bindings, args.topic)
+    engine = DataSync(settings.kafka, SyncSettings(create_topics=False))
+    engine.add_topic(topic.spec, topic.codec)
+    await engine.start()
+    try:
+        progress = sys.stderr.isatty()
+        while engine.generation == 0:
+            if progress:
+                left = (await engine.topics_status())[topic.spec.name]["resync_remaining"]
+                print(f"\rreading {topic.spec.name}: {left} records left   ", end="", file=sys.stderr, flush=True)
+            await asyncio.sleep(0.2)
+        if progress:
+            print("\r" + " " * 60 + "\r", end="", file=sys.stderr, flush=True)
+        items = KeyValues(topic.spec.name, engine.table(topic.spec.name).under(args.prefix), topic.codec)
+        for kv in items:
+            line = {"key": kv.key, "value": kv.value, "revision": kv.revision, "partition": kv.partition,
+                    "timestamp": kv.timestamp}  # fmt: skip
+            print(json.dumps(line, default=_jsonable))
+    finally:
+        await engine.stop()
+    return 0
+
+
+def _jsonable(value: object) -> object:
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+async def _publish(settings: Settings, bindings: Bindings, args: argparse.Namespace) -> int:
+    topic = _topic(bindings, args.topic)
+    try:
+        value = json.loads(args.value)
+    except json.JSONDecodeError as exc:
+        raise ConfigError("VALUE", "", f"not JSON: {exc}") from exc
+    try:
+        raw = None if value is None else topic.codec.encode(value)
+    except EncodeError as exc:
+        raise ConfigError("VALUE", "", str(exc)) from exc
+    producer = AIOKafkaProducer(**settings.kafka.client_options(), acks="all", enable_idempotence=True)
+    await producer.start()
+    try:
+        meta = await producer.send_and_wait(topic.spec.name, raw, key=args.key.encode())
+    finally:
+        await producer.stop()
+    print(f"{'deleted' if raw is None else 'put'} {args.key} -> {meta.topic}/{meta.partition}@{meta.offset}")
     return 0
 
 

@@ -23,20 +23,24 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from aiokafka import ConsumerRecord
-from aiokafka.errors import OffsetOutOfRangeError
+from aiokafka.errors import KafkaError, OffsetOutOfRangeError
 
 from datasync.admin import prepare_topics
 from datasync.api import Change, ChangeEvent, KeyValues, Plugin, PluginContext, ResyncEvent
 from datasync.bindings import Bindings, TopicSpec
 from datasync.codecs import Codec
-from datasync.errors import DecodeError
+from datasync.errors import ConfigError, DecodeError
 from datasync.metrics import Metrics
+from datasync.probe import BrokerProbe
 from datasync.reader import Batch, TableReader
 from datasync.settings import KafkaSettings, SyncSettings
 from datasync.status import PluginState, PluginStatus
 from datasync.table import Entry, StateTable
 
 log = logging.getLogger("datasync")
+
+# Longest wait for records when idle: bounds how long stop() and late registrations wait.
+IDLE_FETCH_MS = 250
 
 
 class Registration:
@@ -77,9 +81,15 @@ class DataSync:
         self._registrations: list[Registration] = []
         self._reader: TableReader | None = None
         self._task: asyncio.Task[None] | None = None
+        self._watchdog: asyncio.Task[None] | None = None
         self._resync_reason: str | None = "start"
+        self._stopping = False
         self._wakeup = asyncio.Event()
         self._changed = asyncio.Condition()
+        self._remaining: dict[str, int] = {}  # records left per topic while tables are rebuilt
+        self.broker_connected = False
+        self.generation = 0  # how many times the tables have been rebuilt
+        self.last_step = time.monotonic()  # when the engine last made progress (for /healthz)
 
     # -- set-up ---------------------------------------------------------------
 
@@ -93,7 +103,13 @@ class DataSync:
             watches: dict[str, list[str]] = {}
             for w in spec.watch:
                 watches.setdefault(w.topic, []).extend(w.prefixes)
-            engine.watch(spec.name, binding.factory(), watches, spec.settings)
+            try:
+                plugin = binding.factory()
+            except Exception as exc:
+                raise ConfigError(
+                    binding.source, f"{binding.field}.class", f"cannot create the plugin: {exc!r}"
+                ) from exc
+            engine.watch(spec.name, plugin, watches, spec.settings)
         return engine
 
     def add_topic(self, spec: TopicSpec, codec: Codec) -> None:
@@ -141,6 +157,22 @@ class DataSync:
     def status(self) -> dict[str, PluginStatus]:
         return {r.name: r.status for r in self._registrations}
 
+    @property
+    def running(self) -> bool:
+        """False once the engine task has ended (stopped, or crashed on a bug)."""
+        return self._task is not None and not self._task.done()
+
+    async def topics_status(self) -> dict[str, dict[str, Any]]:
+        """Per topic: keys in the table, records left while rebuilding, lag per partition."""
+        lag: dict[str, dict[int, int]] = {name: {} for name in self._topics}
+        if self._reader is not None:
+            for tp, n in (await self._reader.lag()).items():
+                lag[tp.topic][tp.partition] = n
+        return {
+            name: {"keys": len(self._tables[name]), "resync_remaining": self._remaining.get(name, 0), "lag": lag[name]}
+            for name in self._topics
+        }
+
     async def wait_ready(self) -> None:
         """Wait until every registered plugin has resynced (wrap in ``asyncio.timeout``)."""
         await self.wait_for(lambda: all(r.status.state is PluginState.READY for r in self._registrations))
@@ -157,19 +189,30 @@ class DataSync:
         if self._task is not None:
             raise RuntimeError("already started")
         partitions = await prepare_topics(self.kafka, list(self._topics.values()), self.sync.create_topics)
+        self.broker_connected = True
+        self.metrics.broker_up.set(1)
         self._reader = TableReader(self.kafka, partitions, self.sync.fetch_max_records)
         await self._reader.start()
         self._task = asyncio.create_task(self._run(), name="datasync-engine")
+        self._watchdog = asyncio.create_task(self._watch_broker(), name="datasync-broker-watch")
 
     async def stop(self) -> None:
-        """Stop fetching, stop the plugins (in reverse order), close the consumer."""
-        task, self._task = self._task, None
-        if task is not None:
+        """Stop fetching, let the plugin call in flight finish (bounded), stop the plugins, close."""
+        self._stopping = True
+        self._wakeup.set()
+        for task in (self._watchdog, self._task):
+            if task is None:
+                continue
+            if task is self._task:
+                done, _ = await asyncio.wait([task], timeout=self.sync.shutdown_timeout_s)
+                if not done:
+                    log.warning("plugin call still running after %.1fs: cancelled", self.sync.shutdown_timeout_s)
             task.cancel()
             try:
                 await task
             except asyncio.CancelledError:
                 pass
+        self._task = self._watchdog = None
         for reg in reversed(self._registrations):
             if reg.started:
                 await self._call_hook(reg, "stop")
@@ -186,7 +229,8 @@ class DataSync:
     async def _run(self) -> None:
         assert self._reader is not None
         reader = self._reader
-        while True:
+        while not self._stopping:
+            self.last_step = time.monotonic()
             if self._resync_reason is not None:
                 await self._rebuild_tables(reader)
             await self._resync_due()
@@ -196,19 +240,42 @@ class DataSync:
                 log.warning("positions out of range (%s): full resync", exc)
                 self.request_resync("offsets out of range")
                 continue
+            except KafkaError as exc:
+                log.warning("fetch failed, retrying: %r", exc)
+                await asyncio.sleep(1)
+                continue
             if batch:
                 await self._apply(batch)
             await self._notify()
 
+    async def _watch_broker(self) -> None:
+        """Probe the broker; on regained connectivity rebuild everything (state may have moved on)."""
+        async with BrokerProbe(self.kafka, timeout_s=max(2.0, self.sync.broker_probe_s)) as probe:
+            while True:
+                await asyncio.sleep(self.sync.broker_probe_s)
+                up = await probe.reachable()
+                if up != self.broker_connected:
+                    self.broker_connected = up
+                    self.metrics.broker_up.set(1 if up else 0)
+                    if up:
+                        log.warning("broker connection regained: full resync")
+                        self.request_resync("broker connection regained")
+                    else:
+                        log.error("broker connection lost")
+                    await self._notify()
+                if self._reader is not None and up:
+                    for tp, n in (await self._reader.lag()).items():
+                        self.metrics.lag.labels(tp.topic, str(tp.partition)).set(n)
+
     def _fetch_timeout_ms(self) -> int:
-        """Fetch no longer than until the next resync retry is due (at most 1 s)."""
+        """Fetch no longer than until the next resync retry is due, nor than IDLE_FETCH_MS."""
         pending = [r.due for r in self._registrations if r.status.state is PluginState.RESYNCING]
         if self._wakeup.is_set():
             self._wakeup.clear()
             return 0
         if not pending:
-            return 1000
-        return max(0, min(1000, int((min(pending) - time.monotonic()) * 1000)))
+            return IDLE_FETCH_MS
+        return max(0, min(IDLE_FETCH_MS, int((min(pending) - time.monotonic()) * 1000)))
 
     async def _notify(self) -> None:
         async with self._changed:
@@ -222,25 +289,38 @@ class DataSync:
         log.info("full resync (%s): reading %d topic(s) to their end", reason, len(self._topics))
         tables = {name: StateTable(name) for name in self._topics}
         ends = await reader.rewind()
-        left = await reader.behind(ends)
-        while left:
+        pending = set(self._topics)
+        while True:
+            left = await reader.behind(ends)
+            self._remaining = {name: 0 for name in self._topics}
+            for tp, n in left.items():
+                self._remaining[tp.topic] += n
+            for name in [n for n in pending if not self._remaining[n]]:
+                pending.discard(name)
+                self._table_rebuilt(tables[name], time.monotonic() - started)
+            for name, n in self._remaining.items():
+                self.metrics.resync_remaining.labels(name).set(n)
+            if not left:
+                break
+            self.last_step = time.monotonic()
             batch = await reader.fetch(timeout_ms=200)
             for tp, records in batch.items():
                 self._fold_all(tables[tp.topic], records)
-            left = await reader.behind(ends)
         self._tables = tables
-        took = time.monotonic() - started
-        self.metrics.resyncs.labels(reason).inc()
-        self.metrics.resync_seconds.set(took)
-        for name, table in tables.items():
-            self.metrics.table_keys.labels(name).set(len(table))
-            log.info("table %s: %d keys", name, len(table))
-        log.info("tables rebuilt in %.2fs", took)
+        self.generation += 1
+        log.info("tables rebuilt in %.2fs", time.monotonic() - started)
         now = time.monotonic()
         for reg in self._registrations:
             reg.status.state = PluginState.RESYNCING
             reg.status.resync_attempts = 0
             reg.due = now
+
+    def _table_rebuilt(self, table: StateTable, took: float) -> None:
+        self.metrics.resyncs.labels(table.topic).inc()
+        self.metrics.resync_seconds.labels(table.topic).set(took)
+        self.metrics.resync_last_success.labels(table.topic).set_to_current_time()
+        self.metrics.table_keys.labels(table.topic).set(len(table))
+        log.info("table %s: %d keys, read in %.2fs", table.topic, len(table), took)
 
     def _fold_all(self, table: StateTable, records: list[ConsumerRecord[bytes, bytes]]) -> None:
         """Fold records into ``table`` without producing changes (table rebuild)."""

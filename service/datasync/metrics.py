@@ -1,4 +1,9 @@
-"""Prometheus metrics of one engine, in a registry of its own (several engines may share a process)."""
+"""Prometheus metrics of one engine, in a registry of its own (several engines may share a process).
+
+Names follow Prometheus conventions (``_total`` is added to counters by the
+client, units in the name); label sets are bounded by the bindings (topics,
+partitions, plugins, publishers) and by small fixed vocabularies.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +12,11 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self.registry = registry or CollectorRegistry()
-        r = self.registry
+        self.registry = r = registry or CollectorRegistry()
         self.records = Counter("datasync_records_consumed", "Records read from table topics", ["topic"], registry=r)
         self.bad_records = Counter(
             "datasync_bad_records",
-            "Records that could not be applied (undecodable value or key)",
+            "Records that could not be applied (undecodable value, bad key)",
             ["topic", "reason"],
             registry=r,
         )
@@ -30,7 +34,19 @@ class Metrics:
             buckets=(0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30),
         )
         self.resyncs = Counter(
-            "datasync_resyncs", "Full resyncs (table rebuilt from the topics)", ["reason"], registry=r
+            "datasync_resyncs", "Full resyncs (tables rebuilt from the topics)", ["topic"], registry=r
         )
-        self.resync_seconds = Gauge("datasync_resync_last_seconds", "Duration of the last table rebuild", registry=r)
+        self.resync_seconds = Gauge(
+            "datasync_resync_duration_seconds", "Duration of the last table rebuild", ["topic"], registry=r
+        )
+        self.resync_last_success = Gauge(
+            "datasync_resync_last_success_timestamp_seconds", "When the table was last rebuilt", ["topic"], registry=r
+        )
+        self.resync_remaining = Gauge(
+            "datasync_resync_records_remaining", "Records left to read in the running rebuild", ["topic"], registry=r
+        )
         self.table_keys = Gauge("datasync_table_keys", "Keys in the state table", ["topic"], registry=r)
+        self.lag = Gauge(
+            "datasync_consumer_lag", "Records between position and high watermark", ["topic", "partition"], registry=r
+        )
+        self.broker_up = Gauge("datasync_broker_connected", "1 while the broker answers, else 0", registry=r)

@@ -62,6 +62,15 @@ class TableReader:
                 left[tp] = end - position
         return left
 
+    async def lag(self) -> dict[TopicPartition, int]:
+        """High watermark (as the last fetch reported it) minus position, per partition."""
+        consumer, out = self.consumer, {}
+        for tp in self.partitions:
+            highwater = consumer.highwater(tp)
+            if highwater is not None:
+                out[tp] = max(0, highwater - await consumer.position(tp))
+        return out
+
     async def fetch(self, timeout_ms: int) -> Batch:
         batch: Batch = await self.consumer.getmany(timeout_ms=timeout_ms, max_records=self._max_records)
         return batch

@@ -5,24 +5,62 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class KafkaSettings(BaseModel):
-    """How to reach the Kafka cluster."""
+    """How to reach the Kafka cluster, including TLS and SASL for production clusters."""
 
     bootstrap_servers: str = Field(default="", description="host:port[,host:port]; empty: none configured")
     client_id: str = "datasync"
     request_timeout_ms: int = Field(default=30_000, ge=1000)
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    ssl_cafile: Path | None = None
+    ssl_certfile: Path | None = None
+    ssl_keyfile: Path | None = None
+    ssl_check_hostname: bool = True
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> KafkaSettings:
+        sasl = self.security_protocol.startswith("SASL")
+        if sasl and not (self.sasl_mechanism and self.sasl_username and self.sasl_password):
+            raise ValueError(f"{self.security_protocol} needs sasl_mechanism, sasl_username and sasl_password")
+        for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+            path = getattr(self, name)
+            if path is not None and not path.is_file():
+                raise ValueError(f"{name}: no such file {path}")
+        return self
 
     def client_options(self) -> dict[str, Any]:
         """Keyword arguments shared by every aiokafka client we create."""
-        return {
+        options: dict[str, Any] = {
             "bootstrap_servers": self.bootstrap_servers,
             "client_id": self.client_id,
             "request_timeout_ms": self.request_timeout_ms,
+            "security_protocol": self.security_protocol,
         }
+        if self.security_protocol.endswith("SSL"):
+            from aiokafka.helpers import create_ssl_context
+
+            context = create_ssl_context(
+                cafile=self.ssl_cafile and str(self.ssl_cafile),
+                certfile=self.ssl_certfile and str(self.ssl_certfile),
+                keyfile=self.ssl_keyfile and str(self.ssl_keyfile),
+            )
+            context.check_hostname = self.ssl_check_hostname
+            options["ssl_context"] = context
+        if self.security_protocol.startswith("SASL"):
+            assert self.sasl_password is not None  # checked by _consistent
+            options.update(
+                sasl_mechanism=self.sasl_mechanism,
+                sasl_plain_username=self.sasl_username,
+                sasl_plain_password=self.sasl_password.get_secret_value(),
+            )
+        return options
 
 
 class SyncSettings(BaseModel):
@@ -36,6 +74,17 @@ class SyncSettings(BaseModel):
     change_backoff_s: float = Field(default=0.1, ge=0)
     emit_identical_puts: bool = Field(default=False, description="deliver puts equal to the current value")
     create_topics: bool = Field(default=True, description="create declared topics that do not exist")
+    broker_probe_s: float = Field(default=2.0, gt=0, description="how often broker reachability is checked")
+    shutdown_timeout_s: float = Field(default=10.0, ge=0, description="time in-flight plugin calls get at shutdown")
+
+
+class HttpSettings(BaseModel):
+    """The HTTP server: metrics, health, readiness, status."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    wedged_after_s: float = Field(default=300.0, gt=0, description="/healthz fails when the engine is stuck this long")
 
 
 class Settings(BaseSettings):
@@ -48,6 +97,8 @@ class Settings(BaseSettings):
 
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
     sync: SyncSettings = Field(default_factory=SyncSettings)
+    http: HttpSettings = Field(default_factory=HttpSettings)
     topics_dir: Path = Path("topics")
     schemas_dir: Path = Path("schemas")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["text", "json"] = "text"

@@ -1,0 +1,27 @@
+# datasync service image: slim Python, non-root, compiled aiokafka/fastavro checked at build time.
+FROM python:3.11-slim AS build
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY service ./service
+RUN pip install --no-cache-dir --prefix=/install . \
+ && PYTHONPATH=$(echo /install/lib/python3.11/site-packages) python -c "\
+import aiokafka.record._crecords.default_records as a, fastavro._read as f; \
+assert a.__file__.endswith('.so') and f.__file__.endswith('.so'), 'C extensions missing'; \
+print('C extensions:', a.__file__, f.__file__)"
+
+FROM python:3.11-slim
+COPY --from=build /install /usr/local
+RUN useradd --create-home --uid 10001 datasync
+WORKDIR /app
+COPY --chown=datasync topics ./topics
+COPY --chown=datasync schemas ./schemas
+COPY --chown=datasync examples ./examples
+USER datasync
+ENV DATASYNC_HTTP__HOST=0.0.0.0 \
+    DATASYNC_HTTP__PORT=8080 \
+    PYTHONUNBUFFERED=1
+EXPOSE 8080
+HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=3 \
+  CMD python -c "import urllib.request,sys; urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=4)" || exit 1
+ENTRYPOINT ["datasync"]
+CMD ["run"]

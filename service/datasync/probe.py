@@ -1,0 +1,51 @@
+"""Broker reachability: a cheap metadata request on a client of its own."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from types import TracebackType
+
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import KafkaError
+
+from datasync.settings import KafkaSettings
+
+log = logging.getLogger(__name__)
+
+
+class BrokerProbe:
+    """Answers "does the cluster respond right now?" without touching the consumer."""
+
+    def __init__(self, kafka: KafkaSettings, timeout_s: float) -> None:
+        self._kafka = kafka
+        self._timeout_s = timeout_s
+        self._admin: AIOKafkaAdminClient | None = None
+
+    async def __aenter__(self) -> BrokerProbe:
+        return self
+
+    async def __aexit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
+        await self._close()
+
+    async def reachable(self) -> bool:
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                if self._admin is None:
+                    admin = AIOKafkaAdminClient(**self._kafka.client_options())
+                    await admin.start()
+                    self._admin = admin
+                await self._admin.describe_cluster()
+            return True
+        except (KafkaError, OSError, TimeoutError) as exc:
+            log.debug("broker probe failed: %r", exc)
+            await self._close()  # start afresh next time: cached connections may be dead
+            return False
+
+    async def _close(self) -> None:
+        admin, self._admin = self._admin, None
+        if admin is not None:
+            try:
+                await admin.close()
+            except Exception as exc:  # closing a client of a dead broker may fail in odd ways
+                log.debug("closing broker probe: %r", exc)
