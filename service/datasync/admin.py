@@ -10,6 +10,7 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import TopicAlreadyExistsError
 
 from datasync.bindings import TopicSpec
+from datasync.errors import TopicError
 from datasync.settings import KafkaSettings
 
 log = logging.getLogger(__name__)
@@ -26,7 +27,7 @@ def topic_configs(spec: TopicSpec) -> dict[str, str]:
 async def prepare_topics(kafka: KafkaSettings, specs: list[TopicSpec], create: bool) -> dict[str, int]:
     """Create the missing topics of ``specs`` (if ``create``); return each topic's partition count.
 
-    Raises RuntimeError naming a topic that does not exist and may not be created.
+    Raises TopicError naming a topic that does not exist and may not be created.
     """
     admin = AIOKafkaAdminClient(**kafka.client_options())
     await admin.start()
@@ -34,7 +35,7 @@ async def prepare_topics(kafka: KafkaSettings, specs: list[TopicSpec], create: b
         partitions = await _partitions(admin, [s.name for s in specs])
         missing = [s for s in specs if s.name not in partitions]
         if missing and not create:
-            raise RuntimeError(f"topic(s) {', '.join(s.name for s in missing)} do not exist (creation is disabled)")
+            raise TopicError(f"topic(s) {', '.join(s.name for s in missing)} do not exist (creation is disabled)")
         if missing:
             brokers = len((await admin.describe_cluster())["brokers"])
             new = [
@@ -55,7 +56,7 @@ async def prepare_topics(kafka: KafkaSettings, specs: list[TopicSpec], create: b
                     break
                 await asyncio.sleep(0.1)
             else:
-                raise RuntimeError(f"created topics did not appear: {[s.name for s in missing]}")
+                raise TopicError(f"created topics did not appear: {[s.name for s in missing]}")
         return partitions
     finally:
         await admin.close()
@@ -72,7 +73,7 @@ async def _partitions(admin: AIOKafkaAdminClient, names: list[str]) -> dict[str,
         if topic["error_code"] == 0 and topic["partitions"]:
             found[topic["topic"]] = len(topic["partitions"])
         elif topic["error_code"] != UNKNOWN_TOPIC:
-            raise RuntimeError(f"cannot describe topic {topic['topic']}: Kafka error {topic['error_code']}")
+            raise TopicError(f"cannot describe topic {topic['topic']}: Kafka error {topic['error_code']}")
     return found
 
 

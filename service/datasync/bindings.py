@@ -10,7 +10,7 @@ import importlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -36,11 +36,13 @@ class TopicSpec(_Model):
     key: str = "string"
     value: str = "bytes"
     config: dict[str, str] = Field(default_factory=dict, description="extra topic configs")
+    max_value_bytes: int | None = Field(default=None, ge=1, description="larger values are rejected")
+    dead_letter: str | None = Field(default=None, description="topic receiving copies of rejected records")
 
-    @field_validator("name")
+    @field_validator("name", "dead_letter")
     @classmethod
-    def _valid_name(cls, name: str) -> str:
-        if not _TOPIC_NAME.match(name) or name in (".", ".."):
+    def _valid_name(cls, name: str | None) -> str | None:
+        if name is not None and (not _TOPIC_NAME.match(name) or name in (".", "..")):
             raise ValueError("a Kafka topic name: 1-249 of [A-Za-z0-9._-]")
         return name
 
@@ -62,6 +64,7 @@ class PluginSpec(_Model):
     class_: str = Field(alias="class", pattern=r"^[\w.]+:[\w.]+$")
     watch: list[WatchSpec] = Field(min_length=1)
     settings: dict[str, Any] = Field(default_factory=dict)
+    resync: Literal["full", "delta"] = Field(default="full", description="after a fault: full resync or deltas")
 
 
 class BindingsFile(_Model):

@@ -1,10 +1,10 @@
 """The engine: state tables fed from Kafka, ordered resyncs, incremental changes, feedback.
 
-One task (``_run``) owns the consumer and does everything in sequence, so the
+One task (``_run``) owns the consumer and does everything in sequence, so a
 table never changes while a plugin is being resynced and no change can slip
 between a resync snapshot and the first live batch:
 
-1. after a fault (and at start) rebuild every table by reading the topics to
+1. at start and after a fault, rebuild every table by reading the topics to
    their end;
 2. resync, in declared order, every plugin that needs it and whose retry is due;
 3. fetch one batch, fold it into the tables and deliver the resulting changes
@@ -22,50 +22,28 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from aiokafka import ConsumerRecord
 from aiokafka.errors import KafkaError, OffsetOutOfRangeError
 
 from datasync.admin import prepare_topics
 from datasync.api import Change, ChangeEvent, KeyValues, Plugin, PluginContext, ResyncEvent
 from datasync.bindings import Bindings, TopicSpec
+from datasync.calls import PluginCalls
 from datasync.codecs import Codec
-from datasync.errors import ConfigError, DecodeError
+from datasync.deadletter import DeadLetters
+from datasync.errors import ConfigError, TopicError
+from datasync.ingest import Ingest
 from datasync.metrics import Metrics
 from datasync.probe import BrokerProbe
 from datasync.reader import Batch, TableReader
+from datasync.registration import Registration, ResyncMode
 from datasync.settings import KafkaSettings, SyncSettings
 from datasync.status import PluginState, PluginStatus
-from datasync.table import Entry, StateTable
+from datasync.table import StateTable
 
 log = logging.getLogger("datasync")
 
 # Longest wait for records when idle: bounds how long stop() and late registrations wait.
 IDLE_FETCH_MS = 250
-
-
-class Registration:
-    """A plugin's subscription to key prefixes of table topics (the concept's ``Watch``)."""
-
-    def __init__(
-        self,
-        engine: DataSync,
-        name: str,
-        plugin: Plugin,
-        watches: Mapping[str, Sequence[str]],
-        settings: Mapping[str, Any],
-    ) -> None:
-        self.name = name
-        self.plugin = plugin
-        self.watches = {topic: tuple(prefixes) for topic, prefixes in watches.items()}
-        self.settings = settings
-        self.status = PluginStatus()
-        self.due = 0.0  # monotonic time of the next resync attempt
-        self.started = False
-        self._engine = engine
-
-    async def close(self) -> None:
-        """Stop delivering events to this plugin (others are unaffected) and stop it."""
-        await self._engine._unregister(self)
 
 
 class DataSync:
@@ -79,7 +57,10 @@ class DataSync:
         self._codecs: dict[str, Codec] = {}
         self._tables: dict[str, StateTable] = {}
         self._registrations: list[Registration] = []
+        self._calls = PluginCalls(self.sync, self.metrics)
         self._reader: TableReader | None = None
+        self._dead_letters: DeadLetters | None = None
+        self._ingest: Ingest | None = None
         self._task: asyncio.Task[None] | None = None
         self._watchdog: asyncio.Task[None] | None = None
         self._resync_reason: str | None = "start"
@@ -106,10 +87,9 @@ class DataSync:
             try:
                 plugin = binding.factory()
             except Exception as exc:
-                raise ConfigError(
-                    binding.source, f"{binding.field}.class", f"cannot create the plugin: {exc!r}"
-                ) from exc
-            engine.watch(spec.name, plugin, watches, spec.settings)
+                where = f"{binding.field}.class"
+                raise ConfigError(binding.source, where, f"cannot create the plugin: {exc!r}") from exc
+            engine.watch(spec.name, plugin, watches, spec.settings, spec.resync)
         return engine
 
     def add_topic(self, spec: TopicSpec, codec: Codec) -> None:
@@ -125,11 +105,14 @@ class DataSync:
         plugin: Plugin,
         watches: Mapping[str, Sequence[str]],
         settings: Mapping[str, Any] | None = None,
+        resync_mode: ResyncMode = "full",
     ) -> Registration:
         """Register ``plugin`` for the given ``{topic: [key prefixes]}``.
 
         Plugins resync in registration order. A plugin registered while the
-        engine runs gets its resync before its first change.
+        engine runs gets its resync before its first change. With
+        ``resync_mode="delta"`` a plugin that was in sync before a fault gets
+        the differences as a CHANGE event instead of a full RESYNC.
         """
         if any(r.name == name for r in self._registrations):
             raise ValueError(f"a plugin named {name!r} is already registered")
@@ -138,7 +121,7 @@ class DataSync:
                 raise ValueError(f"plugin {name!r} watches unknown topic {topic!r}")
             if len(set(prefixes)) != len(prefixes):
                 raise ValueError(f"plugin {name!r} watches a prefix of {topic!r} twice")
-        reg = Registration(self, name, plugin, watches, settings or {})
+        reg = Registration(name, plugin, watches, settings or {}, resync_mode, self._unregister)
         self._registrations.append(reg)
         self._wakeup.set()
         return reg
@@ -147,7 +130,7 @@ class DataSync:
         if reg in self._registrations:
             self._registrations.remove(reg)
             if reg.started:
-                await self._call_hook(reg, "stop")
+                await self._calls.hook(reg, "stop")
 
     # -- queries --------------------------------------------------------------
 
@@ -165,7 +148,7 @@ class DataSync:
     async def topics_status(self) -> dict[str, dict[str, Any]]:
         """Per topic: keys in the table, records left while rebuilding, lag per partition."""
         lag: dict[str, dict[int, int]] = {name: {} for name in self._topics}
-        if self._reader is not None:
+        if self._reader is not None and self.broker_connected:
             for tp, n in (await self._reader.lag()).items():
                 lag[tp.topic][tp.partition] = n
         return {
@@ -188,11 +171,16 @@ class DataSync:
         """Create missing topics, connect, and start synchronising in the background."""
         if self._task is not None:
             raise RuntimeError("already started")
-        partitions = await prepare_topics(self.kafka, list(self._topics.values()), self.sync.create_topics)
+        dead = {name: spec.dead_letter for name, spec in self._topics.items() if spec.dead_letter}
+        dead_specs = [TopicSpec(name=t, partitions=1, compacted=True) for t in sorted(set(dead.values()))]
+        partitions = await prepare_topics(self.kafka, [*self._topics.values(), *dead_specs], self.sync.create_topics)
         self.broker_connected = True
         self.metrics.broker_up.set(1)
-        self._reader = TableReader(self.kafka, partitions, self.sync.fetch_max_records)
-        await self._reader.start()
+        self._ingest = Ingest(self._topics, self._codecs, self.metrics, self.sync.emit_identical_puts)
+        self._dead_letters = DeadLetters(self.kafka, dead, self.metrics)
+        await self._dead_letters.start()
+        self._reader = TableReader(self.kafka, self.sync.fetch_max_records)
+        await self._reader.start({t: n for t, n in partitions.items() if t in self._topics})
         self._task = asyncio.create_task(self._run(), name="datasync-engine")
         self._watchdog = asyncio.create_task(self._watch_broker(), name="datasync-broker-watch")
 
@@ -200,23 +188,24 @@ class DataSync:
         """Stop fetching, let the plugin call in flight finish (bounded), stop the plugins, close."""
         self._stopping = True
         self._wakeup.set()
+        if self._task is not None:
+            done, _ = await asyncio.wait([self._task], timeout=self.sync.shutdown_timeout_s)
+            if not done:
+                log.warning("plugin call still running after %.1fs: cancelled", self.sync.shutdown_timeout_s)
         for task in (self._watchdog, self._task):
-            if task is None:
-                continue
-            if task is self._task:
-                done, _ = await asyncio.wait([task], timeout=self.sync.shutdown_timeout_s)
-                if not done:
-                    log.warning("plugin call still running after %.1fs: cancelled", self.sync.shutdown_timeout_s)
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
+            if task is not None:
+                task.cancel()
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    pass
         self._task = self._watchdog = None
         for reg in reversed(self._registrations):
             if reg.started:
-                await self._call_hook(reg, "stop")
+                await self._calls.hook(reg, "stop")
                 reg.started = False
+        if self._dead_letters is not None:
+            await self._dead_letters.stop()
         if self._reader is not None:
             await self._reader.stop()
             self._reader = None
@@ -229,23 +218,26 @@ class DataSync:
     async def _run(self) -> None:
         assert self._reader is not None
         reader = self._reader
+        failures = 0
         while not self._stopping:
             self.last_step = time.monotonic()
-            if self._resync_reason is not None:
-                await self._rebuild_tables(reader)
-            await self._resync_due()
             try:
+                if self._resync_reason is not None:
+                    await self._rebuild(reader)
+                await self._resync_due()
                 batch = await reader.fetch(self._fetch_timeout_ms())
+                if batch:
+                    await self._apply(batch)
+                failures = 0
             except OffsetOutOfRangeError as exc:
                 log.warning("positions out of range (%s): full resync", exc)
                 self.request_resync("offsets out of range")
-                continue
-            except KafkaError as exc:
-                log.warning("fetch failed, retrying: %r", exc)
-                await asyncio.sleep(1)
-                continue
-            if batch:
-                await self._apply(batch)
+            except (KafkaError, TopicError) as exc:
+                # The rebuild or fetch failed (broker away, topic deleted...): retry, backing off.
+                failures += 1
+                delay = min(0.5 * 2**failures, 30.0)
+                log.warning("%r; retrying in %.1fs", exc, delay)
+                await asyncio.sleep(delay)
             await self._notify()
 
     async def _watch_broker(self) -> None:
@@ -283,10 +275,14 @@ class DataSync:
 
     # -- full resync ----------------------------------------------------------
 
-    async def _rebuild_tables(self, reader: TableReader) -> None:
-        reason, self._resync_reason = self._resync_reason or "start", None
+    async def _rebuild(self, reader: TableReader) -> None:
+        """Read every topic from the beginning into fresh tables; then mark the plugins for resync."""
+        assert self._ingest is not None and self._dead_letters is not None
+        reason = self._resync_reason or "start"
         started = time.monotonic()
         log.info("full resync (%s): reading %d topic(s) to their end", reason, len(self._topics))
+        if self.generation:  # topics may have been recreated, with other partitions
+            reader.assign(await prepare_topics(self.kafka, list(self._topics.values()), create=False))
         tables = {name: StateTable(name) for name in self._topics}
         ends = await reader.rewind()
         pending = set(self._topics)
@@ -305,12 +301,16 @@ class DataSync:
             self.last_step = time.monotonic()
             batch = await reader.fetch(timeout_ms=200)
             for tp, records in batch.items():
-                self._fold_all(tables[tp.topic], records)
-        self._tables = tables
+                self._ingest.fold_all(tables[tp.topic], records)
+            await self._dead_letters.send(self._ingest.take_rejected())
+        previous, self._tables = self._tables, tables
+        self._resync_reason = None
         self.generation += 1
         log.info("tables rebuilt in %.2fs", time.monotonic() - started)
         now = time.monotonic()
         for reg in self._registrations:
+            in_sync = reg.status.state is PluginState.READY and reg.resync_mode == "delta"
+            reg.delta_base = previous if in_sync else None
             reg.status.state = PluginState.RESYNCING
             reg.status.resync_attempts = 0
             reg.due = now
@@ -322,51 +322,6 @@ class DataSync:
         self.metrics.table_keys.labels(table.topic).set(len(table))
         log.info("table %s: %d keys, read in %.2fs", table.topic, len(table), took)
 
-    def _fold_all(self, table: StateTable, records: list[ConsumerRecord[bytes, bytes]]) -> None:
-        """Fold records into ``table`` without producing changes (table rebuild)."""
-        codec = self._codecs[table.topic]
-        for record in records:
-            self._fold(table, codec, record)
-        self.metrics.records.labels(table.topic).inc(len(records))
-
-    def _fold(self, table: StateTable, codec: Codec, record: ConsumerRecord[bytes, bytes]) -> Change | None:
-        """Apply one record to ``table``; return the change it makes, if any."""
-        raw_key = record.key
-        try:
-            key = raw_key.decode()
-        except (AttributeError, UnicodeDecodeError) as exc:
-            reason = "null key" if raw_key is None else "key not UTF-8"
-            self._bad_record(table.topic, record, reason, str(exc))
-            return None
-        raw = record.value
-        if raw is None:
-            prev = table.delete(key)
-            if prev is None:
-                return None
-            return Change(
-                table.topic, "delete", key, None, prev, record.offset, record.partition, record.timestamp, codec
-            )
-        try:
-            value = codec.decode(raw)
-        except DecodeError as exc:
-            self._bad_record(table.topic, record, "undecodable value", str(exc))
-            return None
-        prev = table.put(key, Entry(raw, record.offset, record.partition, record.timestamp))
-        if prev is not None and prev.value == raw and not self.sync.emit_identical_puts:
-            return None
-        return Change(table.topic, "put", key, value, prev, record.offset, record.partition, record.timestamp, codec)
-
-    def _bad_record(self, topic: str, record: ConsumerRecord[bytes, bytes], reason: str, detail: str) -> None:
-        self.metrics.bad_records.labels(topic, reason).inc()
-        log.warning(
-            "skipped record %s/%d@%d: %s: %s (the key keeps its previous value)",
-            topic,
-            record.partition,
-            record.offset,
-            reason,
-            detail,
-        )
-
     async def _resync_due(self) -> None:
         now = time.monotonic()
         for reg in list(self._registrations):
@@ -374,80 +329,61 @@ class DataSync:
                 await self._resync(reg)
 
     async def _resync(self, reg: Registration) -> None:
-        status = reg.status
         if not reg.started:
             ctx = PluginContext(reg.name, reg.settings, logging.getLogger(f"datasync.plugin.{reg.name}"))
-            if not await self._call_hook(reg, "start", ctx):
-                status.state = PluginState.FAILED
+            if not await self._calls.hook(reg, "start", ctx):
+                reg.status.state = PluginState.FAILED
                 return
             reg.started = True
+        if reg.delta_base is not None:
+            base, reg.delta_base = reg.delta_base, None
+            changes = self._differences(reg, base)
+            if not changes or await self._calls.change(reg, ChangeEvent(changes)):
+                log.info("plugin %s: back in sync with %d changes (delta mode)", reg.name, len(changes))
+                reg.status.state = PluginState.READY
+                return
+            # the delta failed: fall back to a full resync, right away
         values: dict[str, KeyValues] = {}
         for topic, prefixes in reg.watches.items():
             table, codec = self._tables[topic], self._codecs[topic]
             for prefix in prefixes:
                 values[prefix] = KeyValues(topic, table.under(prefix), codec)
-        event = ResyncEvent(values)
-        status.resync_attempts += 1
-        started = time.monotonic()
-        try:
-            await reg.plugin.resync(event)
-        except Exception as exc:
-            took = time.monotonic() - started
-            self.metrics.plugin_seconds.labels(reg.name, "resync").observe(took)
-            self.metrics.plugin_failures.labels(reg.name, "resync").inc()
-            status.last_error = f"resync: {exc!r}"
-            attempts = status.resync_attempts
-            if attempts >= self.sync.resync_max_attempts:
-                status.state = PluginState.FAILED
-                log.error(
-                    "plugin %s: resync of %d keys failed %d times, giving up until the next full resync: %r",
-                    reg.name,
-                    len(event),
-                    attempts,
-                    exc,
-                )
-            else:
-                delay = min(self.sync.resync_backoff_s * 2 ** (attempts - 1), self.sync.resync_backoff_max_s)
-                reg.due = time.monotonic() + delay
-                log.warning(
-                    "plugin %s: resync of %d keys failed (attempt %d), retrying in %.1fs: %r",
-                    reg.name,
-                    len(event),
-                    attempts,
-                    delay,
-                    exc,
-                )
-            return
-        took = time.monotonic() - started
-        self.metrics.plugin_seconds.labels(reg.name, "resync").observe(took)
-        status.state = PluginState.READY
-        status.last_resync_at = time.time()
-        status.last_resync_seconds = took
-        log.info("plugin %s: resynced %d keys in %.3fs", reg.name, len(event), took)
+        await self._calls.resync(reg, ResyncEvent(values))
 
-    async def _call_hook(self, reg: Registration, hook: str, *args: Any) -> bool:
-        try:
-            await getattr(reg.plugin, hook)(*args)
-            return True
-        except Exception as exc:
-            reg.status.last_error = f"{hook}: {exc!r}"
-            self.metrics.plugin_failures.labels(reg.name, hook).inc()
-            log.error("plugin %s: %s hook failed: %r", reg.name, hook, exc)
-            return False
+    def _differences(self, reg: Registration, base: dict[str, StateTable]) -> list[Change]:
+        """The changes that turn the plugin's old view into the rebuilt tables, sorted by key."""
+        changes: list[Change] = []
+        for topic, prefixes in reg.watches.items():
+            codec, new = self._codecs[topic], self._tables[topic]
+            old_items = {k: e for p in prefixes for k, e in base[topic].under(p)}
+            new_items = {k: e for p in prefixes for k, e in new.under(p)}
+            for key in sorted(old_items.keys() | new_items.keys()):
+                before, after = old_items.get(key), new_items.get(key)
+                if after is None:
+                    assert before is not None
+                    # the tombstone itself may be compacted away: the revision is the last one seen
+                    changes.append(Change(topic, "delete", key, None, before, before.offset, before.partition,
+                                          before.timestamp, codec))  # fmt: skip
+                elif before is None or before.value != after.value:
+                    changes.append(Change(topic, "put", key, codec.decode(after.value), before, after.offset,
+                                          after.partition, after.timestamp, codec))  # fmt: skip
+        return changes
 
     # -- incremental changes --------------------------------------------------
 
     async def _apply(self, batch: Batch) -> None:
         """Fold a fetched batch into the tables and deliver its changes in plugin order."""
+        assert self._ingest is not None and self._dead_letters is not None
+        ingest = self._ingest
         ready = [r for r in self._registrations if r.status.state is PluginState.READY]
         outbox: dict[Registration, list[Change]] = {r: [] for r in ready}
         for tp, records in batch.items():
             topic = tp.topic
-            table, codec = self._tables[topic], self._codecs[topic]
+            table = self._tables[topic]
             matchers = [(p, outbox[r]) for r in ready for p in r.watches.get(topic, ())]
             self.metrics.records.labels(topic).inc(len(records))
             for record in records:
-                change = self._fold(table, codec, record)
+                change = ingest.fold(table, record)
                 if change is None:
                     continue
                 key = change.key
@@ -455,37 +391,7 @@ class DataSync:
                     if key.startswith(prefix) and (not changes or changes[-1] is not change):
                         changes.append(change)
             self.metrics.table_keys.labels(topic).set(len(table))
+        await self._dead_letters.send(ingest.take_rejected())
         for reg in ready:
             if outbox[reg] and reg in self._registrations:
-                await self._deliver(reg, ChangeEvent(outbox[reg]))
-
-    async def _deliver(self, reg: Registration, event: ChangeEvent) -> None:
-        attempts = self.sync.change_max_attempts
-        for attempt in range(1, attempts + 1):
-            started = time.monotonic()
-            try:
-                await reg.plugin.change(event)
-            except Exception as exc:
-                self.metrics.plugin_seconds.labels(reg.name, "change").observe(time.monotonic() - started)
-                self.metrics.plugin_failures.labels(reg.name, "change").inc()
-                where = ", ".join(f"{c.key}@{c.revision}" for c in event.changes[:10])
-                more = f" and {len(event.changes) - 10} more" if len(event.changes) > 10 else ""
-                if attempt == attempts:
-                    reg.status.change_failures += 1
-                    reg.status.last_error = f"change: {exc!r}"
-                    log.error(
-                        "plugin %s: change of %s%s failed %d times, skipped: %r", reg.name, where, more, attempt, exc
-                    )
-                    return
-                log.warning(
-                    "plugin %s: change of %s%s failed (attempt %d), retrying: %r", reg.name, where, more, attempt, exc
-                )
-                await asyncio.sleep(self.sync.change_backoff_s * 2 ** (attempt - 1))
-                continue
-            self.metrics.plugin_seconds.labels(reg.name, "change").observe(time.monotonic() - started)
-            reg.status.changes_applied += len(event.changes)
-            for op in ("put", "delete"):
-                n = sum(1 for c in event.changes if c.op == op)
-                if n:
-                    self.metrics.changes.labels(reg.name, op).inc(n)
-            return
+                await self._calls.change(reg, ChangeEvent(outbox[reg]))

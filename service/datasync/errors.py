@@ -20,3 +20,7 @@ class DecodeError(ValueError):
 
 class EncodeError(ValueError):
     """A value does not fit the codec (for example it does not match the Avro schema)."""
+
+
+class TopicError(Exception):
+    """A declared topic is missing or cannot be described on the broker."""

@@ -49,4 +49,10 @@ class Metrics:
         self.lag = Gauge(
             "datasync_consumer_lag", "Records between position and high watermark", ["topic", "partition"], registry=r
         )
+        self.dead_letters = Counter(
+            "datasync_dead_letters", "Rejected records copied to the dead-letter topic", ["topic"], registry=r
+        )
+        self.dead_letter_failures = Counter(
+            "datasync_dead_letter_failures", "Rejected records that could not be copied", ["topic"], registry=r
+        )
         self.broker_up = Gauge("datasync_broker_connected", "1 while the broker answers, else 0", registry=r)

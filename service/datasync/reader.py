@@ -16,11 +16,11 @@ Batch = dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]
 
 
 class TableReader:
-    def __init__(self, kafka: KafkaSettings, partitions: dict[str, int], max_records: int) -> None:
+    def __init__(self, kafka: KafkaSettings, max_records: int) -> None:
         self._kafka = kafka
         self._max_records = max_records
         self._consumer: AIOKafkaConsumer | None = None
-        self.partitions = [TopicPartition(topic, p) for topic, n in partitions.items() for p in range(n)]
+        self.partitions: list[TopicPartition] = []
 
     @property
     def consumer(self) -> AIOKafkaConsumer:
@@ -28,7 +28,8 @@ class TableReader:
             raise RuntimeError("reader not started")
         return self._consumer
 
-    async def start(self) -> None:
+    async def start(self, partitions: dict[str, int]) -> None:
+        """Connect and assign every partition of ``{topic: partition count}``."""
         consumer = AIOKafkaConsumer(
             **self._kafka.client_options(),
             group_id=None,
@@ -39,7 +40,11 @@ class TableReader:
         )
         await consumer.start()
         self._consumer = consumer
-        consumer.assign(self.partitions)
+        self.assign(partitions)
+
+    def assign(self, partitions: dict[str, int]) -> None:
+        self.partitions = [TopicPartition(topic, p) for topic, n in partitions.items() for p in range(n)]
+        self.consumer.assign(self.partitions)
 
     async def stop(self) -> None:
         if self._consumer is not None:

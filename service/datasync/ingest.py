@@ -1,0 +1,94 @@
+"""Folding records into state tables: validate, decode, update, and say what changed.
+
+A record that cannot be applied (no key, a key that is not UTF-8, an oversized
+or undecodable value) never reaches the table, so the key keeps its last good
+value. It is counted, logged with topic/partition/offset, and kept in
+``rejected`` for the dead-letter topic.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TypeAlias
+
+from aiokafka import ConsumerRecord
+
+from datasync.api import Change
+from datasync.bindings import TopicSpec
+from datasync.codecs import Codec
+from datasync.errors import DecodeError
+from datasync.metrics import Metrics
+from datasync.table import Entry, StateTable
+
+log = logging.getLogger("datasync.ingest")
+
+Record: TypeAlias = "ConsumerRecord[bytes, bytes]"
+
+
+@dataclass(frozen=True)
+class Rejected:
+    topic: str
+    record: Record
+    reason: str
+    detail: str
+
+
+class Ingest:
+    def __init__(
+        self, topics: dict[str, TopicSpec], codecs: dict[str, Codec], metrics: Metrics, emit_identical_puts: bool
+    ) -> None:
+        self._codecs = codecs
+        self._limits = {name: spec.max_value_bytes for name, spec in topics.items()}
+        self._metrics = metrics
+        self._emit_identical = emit_identical_puts
+        self.rejected: list[Rejected] = []
+
+    def fold_all(self, table: StateTable, records: list[Record]) -> None:
+        """Fold records into ``table`` without producing changes (table rebuild)."""
+        for record in records:
+            self.fold(table, record)
+        self._metrics.records.labels(table.topic).inc(len(records))
+
+    def fold(self, table: StateTable, record: Record) -> Change | None:
+        """Apply one record to ``table``; return the change it makes, if any."""
+        topic, raw_key, raw = table.topic, record.key, record.value
+        if raw_key is None:
+            self._reject(topic, record, "null key", "a compacted topic needs keys")
+            return None
+        try:
+            key = raw_key.decode()
+        except UnicodeDecodeError as exc:
+            self._reject(topic, record, "key not UTF-8", str(exc))
+            return None
+        codec = self._codecs[topic]
+        if raw is None:
+            prev = table.delete(key)
+            if prev is None:
+                return None
+            return Change(topic, "delete", key, None, prev, record.offset, record.partition, record.timestamp, codec)
+        limit = self._limits[topic]
+        if limit is not None and len(raw) > limit:
+            self._reject(topic, record, "oversized value", f"{len(raw)} bytes > max_value_bytes {limit}")
+            return None
+        try:
+            value = codec.decode(raw)
+        except DecodeError as exc:
+            self._reject(topic, record, "undecodable value", str(exc))
+            return None
+        prev = table.put(key, Entry(raw, record.offset, record.partition, record.timestamp))
+        if prev is not None and prev.value == raw and not self._emit_identical:
+            return None
+        return Change(topic, "put", key, value, prev, record.offset, record.partition, record.timestamp, codec)
+
+    def take_rejected(self) -> list[Rejected]:
+        rejected, self.rejected = self.rejected, []
+        return rejected
+
+    def _reject(self, topic: str, record: Record, reason: str, detail: str) -> None:
+        self._metrics.bad_records.labels(topic, reason).inc()
+        log.warning(
+            "skipped record %s/%d@%d: %s: %s (the key keeps its previous value)",
+            *(topic, record.partition, record.offset, reason, detail),
+        )
+        self.rejected.append(Rejected(topic, record, reason, detail))

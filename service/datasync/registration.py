@@ -1,0 +1,44 @@
+"""A plugin's subscription to key prefixes of table topics (the concept's ``Watch``)."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, Literal
+
+from datasync.api import Plugin
+from datasync.status import PluginStatus
+from datasync.table import StateTable
+
+ResyncMode = Literal["full", "delta"]
+
+
+class Registration:
+    """Returned by ``DataSync.watch``; ``close()`` ends this registration only."""
+
+    def __init__(
+        self,
+        name: str,
+        plugin: Plugin,
+        watches: Mapping[str, Sequence[str]],
+        settings: Mapping[str, Any],
+        resync_mode: ResyncMode,
+        on_close: Callable[[Registration], Awaitable[None]],
+    ) -> None:
+        self.name = name
+        self.plugin = plugin
+        self.watches = {topic: tuple(prefixes) for topic, prefixes in watches.items()}
+        self.settings = settings
+        self.resync_mode = resync_mode
+        self.status = PluginStatus()
+        self.due = 0.0  # monotonic time of the next resync attempt
+        self.started = False
+        # In delta mode, the tables the plugin was in sync with before a rebuild.
+        self.delta_base: dict[str, StateTable] | None = None
+        self._on_close = on_close
+
+    def matches(self, topic: str, key: str) -> bool:
+        return any(key.startswith(p) for p in self.watches.get(topic, ()))
+
+    async def close(self) -> None:
+        """Stop delivering events to this plugin (others are unaffected) and stop it."""
+        await self._on_close(self)
