@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
@@ -62,3 +63,11 @@ async def put_all(producer: AIOKafkaProducer, topic: str, records: list[tuple[An
     for fut in futures:
         offsets.append((await fut).offset)
     return offsets
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], interval: float = 0.2) -> None:
+    """Poll an outside system (the broker) until ``check()`` holds; callers bound it with asyncio.timeout."""
+    for _ in itertools.count():
+        if await check():
+            return
+        await asyncio.sleep(interval)

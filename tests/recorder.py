@@ -17,6 +17,7 @@ class Recorder(Plugin):
         self.resyncs: list[dict[str, dict[str, Any]]] = []
         self.changes: list[Any] = []
         self.view: dict[str, Any] = {}
+        self.stale_prev: list[Any] = []  # changes whose prev_value was not what this plugin had
 
     async def resync(self, event: ResyncEvent) -> None:
         self.journal.append(("resync", self.name))
@@ -31,6 +32,8 @@ class Recorder(Plugin):
         self.journal.append(("change", self.name))
         for ch in event.changes:
             self.changes.append(ch)
+            if ch.prev_value != self.view.get(ch.key):
+                self.stale_prev.append(ch)
             if ch.op == "put":
                 self.view[ch.key] = ch.value
             else:

@@ -66,14 +66,120 @@ def free_port() -> int:
 
 
 class LocalBroker:
-    """Start with ``start()``, stop with ``stop()``; ``bootstrap`` is the address to use."""
+    """Start with ``start()``, stop with ``stop()``; ``bootstrap`` is the address to use.
 
-    def __init__(self, port: int | None = None) -> None:
+    ``scram_users`` adds a SASL_PLAINTEXT listener (SCRAM-SHA-256/512) at
+    ``sasl_bootstrap``; ``tls`` adds an SSL listener at ``ssl_bootstrap`` whose
+    CA certificate is ``ca_file``. ``stop(keep_data=True)`` and ``start()``
+    restart the same broker (same ports, same data), for fault tests.
+    """
+
+    def __init__(self, port: int | None = None, scram_users: dict[str, str] | None = None, tls: bool = False) -> None:
         self.port = port or free_port()
         self.controller_port = free_port()
         self.bootstrap = f"127.0.0.1:{self.port}"
+        self.scram_users = scram_users or {}
+        self.sasl_bootstrap = f"127.0.0.1:{free_port()}" if self.scram_users else ""
+        self.ssl_bootstrap = f"127.0.0.1:{free_port()}" if tls else ""
         self.workdir = Path(tempfile.mkdtemp(prefix="datasync-kafka-"))
+        self.ca_file = self.workdir / "ca.crt"
         self.process: subprocess.Popen[bytes] | None = None
+
+    def _listeners(self) -> list[str]:
+        listeners = [f"PLAINTEXT://{self.bootstrap}"]
+        if self.sasl_bootstrap:
+            listeners.append(f"SASL_PLAINTEXT://{self.sasl_bootstrap}")
+        if self.ssl_bootstrap:
+            listeners.append(f"SSL://{self.ssl_bootstrap}")
+        return listeners
+
+    def _security_properties(self) -> list[str]:
+        lines = []
+        if self.scram_users:
+            module = "org.apache.kafka.common.security.scram.ScramLoginModule required;"
+            lines += [
+                "sasl.enabled.mechanisms=SCRAM-SHA-256,SCRAM-SHA-512",
+                f"listener.name.sasl_plaintext.scram-sha-256.sasl.jaas.config={module}",
+                f"listener.name.sasl_plaintext.scram-sha-512.sasl.jaas.config={module}",
+            ]
+        if self.ssl_bootstrap:
+            keystore = self._make_certificates()
+            lines += [
+                "ssl.keystore.type=PKCS12",
+                f"ssl.keystore.location={keystore}",
+                "ssl.keystore.password=changeit",
+                "ssl.key.password=changeit",
+            ]
+        return lines
+
+    def _make_certificates(self) -> Path:
+        """A throw-away CA and a server certificate for 127.0.0.1, with openssl."""
+        d = self.workdir
+        keystore = d / "server.p12"
+        if keystore.exists():
+            return keystore
+
+        def ssl(*args: str) -> None:
+            subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+        ssl(
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=datasync-test-ca",
+            "-keyout",
+            str(d / "ca.key"),
+            "-out",
+            str(self.ca_file),
+        )
+        ssl(
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-keyout",
+            str(d / "server.key"),
+            "-out",
+            str(d / "server.csr"),
+        )
+        (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+        ssl(
+            "x509",
+            "-req",
+            "-in",
+            str(d / "server.csr"),
+            "-CA",
+            str(self.ca_file),
+            "-CAkey",
+            str(d / "ca.key"),
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            str(d / "san.ext"),
+            "-out",
+            str(d / "server.crt"),
+        )
+        ssl(
+            "pkcs12",
+            "-export",
+            "-in",
+            str(d / "server.crt"),
+            "-inkey",
+            str(d / "server.key"),
+            "-out",
+            str(keystore),
+            "-passout",
+            "pass:changeit",
+        )
+        return keystore
 
     def _java(self, libs: Path, main: str, *args: str) -> list[str]:
         return ["java", "-Xms256m", "-Xmx768m", "-cp", f"{libs}/*", f"-Dlog4j2.configurationFile={LOG4J}", main, *args]
@@ -87,10 +193,13 @@ class LocalBroker:
                     "process.roles=broker,controller",
                     "node.id=1",
                     f"controller.quorum.voters=1@127.0.0.1:{self.controller_port}",
-                    f"listeners=PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}",
-                    f"advertised.listeners=PLAINTEXT://127.0.0.1:{self.port}",
+                    f"listeners={','.join(self._listeners())},CONTROLLER://127.0.0.1:{self.controller_port}",
+                    f"advertised.listeners={','.join(self._listeners())}",
                     "controller.listener.names=CONTROLLER",
-                    "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+                    "inter.broker.listener.name=PLAINTEXT",
+                    "listener.security.protocol.map="
+                    "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT,SASL_PLAINTEXT:SASL_PLAINTEXT,SSL:SSL",
+                    *self._security_properties(),
                     f"log.dirs={self.workdir / 'data'}",
                     "num.partitions=1",
                     "auto.create.topics.enable=false",
@@ -104,16 +213,22 @@ class LocalBroker:
                 ]
             )
         )
-        cluster_id = uuid.uuid4().hex[:22]
-        subprocess.run(
-            self._java(libs, "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(props)),
-            check=True,
-            stdout=subprocess.DEVNULL,
-        )
-        log = open(self.workdir / "broker.log", "wb")
-        self.process = subprocess.Popen(
-            self._java(libs, "kafka.Kafka", str(props)), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
+        if not (self.workdir / "data" / "meta.properties").exists():
+            scram = []
+            for user, password in self.scram_users.items():
+                for mechanism in ("SCRAM-SHA-256", "SCRAM-SHA-512"):
+                    scram += ["--add-scram", f"{mechanism}=[name={user},password={password}]"]
+            format_args = ["format", "-t", uuid.uuid4().hex[:22], "-c", str(props), *scram]
+            subprocess.run(
+                self._java(libs, "kafka.tools.StorageTool", *format_args), check=True, stdout=subprocess.DEVNULL
+            )
+        with open(self.workdir / "broker.log", "ab") as log:  # the broker keeps its own copy of the descriptor
+            self.process = subprocess.Popen(
+                self._java(libs, "kafka.Kafka", str(props)),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         self._wait_ready(timeout)
         return self
 
@@ -134,7 +249,8 @@ class LocalBroker:
         path = self.workdir / "broker.log"
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
 
-    def stop(self) -> None:
+    def stop(self, keep_data: bool = False) -> None:
+        """Stop the broker; with ``keep_data`` a later ``start()`` brings the same broker back."""
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
             try:
@@ -143,7 +259,8 @@ class LocalBroker:
                 self.process.kill()
                 self.process.wait()
         self.process = None
-        shutil.rmtree(self.workdir, ignore_errors=True)
+        if not keep_data:
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
 
 def main(argv: list[str]) -> int:

@@ -1,0 +1,262 @@
+"""Faults against a real broker: lost and regained broker, vanished positions, slow plugins, poison records."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, RecordsToDelete
+
+from datasync import DataSync, PluginState
+from datasync.admin import prepare_topics
+from datasync.bindings import TopicSpec
+from datasync.codecs import AvroCodec, StringCodec
+from datasync.schemas import SchemaStore
+from datasync.settings import KafkaSettings, SyncSettings
+
+from conftest import eventually, put_all
+from localkafka import LocalBroker
+from recorder import Recorder
+
+QUICK = SyncSettings(broker_probe_s=0.5, resync_backoff_s=0.2, change_backoff_s=0.01, change_timeout_s=5)
+
+
+@pytest.fixture
+def own_broker() -> Iterator[LocalBroker]:
+    """A broker of this test's own, which the test may stop and start."""
+    broker = LocalBroker().start()
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
+async def test_broker_lost_and_regained(own_broker: LocalBroker, topic: str) -> None:
+    kafka = KafkaSettings(bootstrap_servers=own_broker.bootstrap, request_timeout_ms=5000)
+    engine = DataSync(kafka, QUICK)
+    engine.add_topic(TopicSpec(name=topic, partitions=2, value="string"), StringCodec())
+    full, delta = Recorder("full"), Recorder("delta")
+    engine.watch("full", full, {topic: [""]})
+    engine.watch("delta", delta, {topic: [""]}, resync_mode="delta")
+    await prepare_topics(kafka, [TopicSpec(name=topic, partitions=2, value="string")], create=True)
+    producer = AIOKafkaProducer(bootstrap_servers=own_broker.bootstrap, acks="all")
+    await producer.start()
+    try:
+        await put_all(producer, topic, [(f"k{i}", f"v{i}") for i in range(10)])
+        await engine.start()
+        async with asyncio.timeout(20):
+            await engine.wait_ready()
+
+        await asyncio.to_thread(own_broker.stop, keep_data=True)
+        async with asyncio.timeout(20):
+            await engine.wait_for(lambda: not engine.broker_connected)
+        assert engine.metrics.broker_up._value.get() == 0
+
+        await asyncio.to_thread(own_broker.start)
+        # keep producing after it returns, deleting keys that existed before
+        await put_all(producer, topic, [("k1", None), ("k2", None), ("k3", "v3-new"), ("k10", "v10")])
+        async with asyncio.timeout(30):
+            await engine.wait_for(lambda: engine.generation >= 2 and engine.broker_connected)
+            await engine.wait_ready()
+        await put_all(producer, topic, [("k4", "v4-after"), ("k5", None)])
+        expected = {f"k{i}": f"v{i}" for i in range(10)} | {"k3": "v3-new", "k10": "v10", "k4": "v4-after"}
+        for key in ("k1", "k2", "k5"):
+            del expected[key]
+        async with asyncio.timeout(20):
+            await engine.wait_for(lambda: full.view == expected and delta.view == expected)
+    finally:
+        await engine.stop()
+        await producer.stop()
+    assert len(full.resyncs) == 2 and len(delta.resyncs) == 1  # delta mode: the differences as changes
+    assert full.stale_prev == [] and delta.stale_prev == []  # prev values come from the rebuilt table
+    delta_ops = {(c.op, c.key) for c in delta.changes}
+    assert {("delete", "k1"), ("delete", "k2"), ("put", "k3"), ("put", "k10")} <= delta_ops
+
+
+@pytest.fixture
+async def engine_on(bootstrap: str) -> AsyncIterator[list[DataSync]]:
+    engines: list[DataSync] = []
+    yield engines
+    for engine in engines:
+        await engine.stop()
+
+
+async def test_records_deleted_below_the_position_trigger_a_full_resync(
+    bootstrap: str, topic: str, producer: AIOKafkaProducer, engine_on: list[DataSync]
+) -> None:
+    engine = DataSync(KafkaSettings(bootstrap_servers=bootstrap), QUICK)
+    engine_on.append(engine)
+    # DeleteRecords is refused on compact-only topics; compact,delete topics can lose records this way
+    spec = TopicSpec(name=topic, partitions=1, value="string", compacted=False)
+    engine.add_topic(spec, StringCodec())
+    gate = asyncio.Event()
+
+    class Held(Recorder):
+        async def change(self, event):  # type: ignore[no-untyped-def]
+            await gate.wait()  # holds the engine (and its position) still
+            await super().change(event)
+
+    plugin = Held("held")
+    engine.watch("held", plugin, {topic: [""]})
+    await engine.start()
+    async with asyncio.timeout(20):
+        await engine.wait_ready()
+    await put_all(producer, topic, [("a", "1")])  # the engine takes it and waits in change()
+    await asyncio.sleep(0.5)
+    await put_all(producer, topic, [("b", "2"), ("c", "3")])  # the consumer prefetches these meanwhile
+    await asyncio.sleep(0.5)
+    offsets = await put_all(producer, topic, [("d", "4"), ("e", "5")])  # and these wait on the broker
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:  # the records the engine has not read yet disappear
+        await admin.delete_records({TopicPartition(topic, 0): RecordsToDelete(offsets[-1])})
+    finally:
+        await admin.close()
+    gate.set()
+    async with asyncio.timeout(20):
+        await engine.wait_for(lambda: engine.generation == 2 and plugin.view == {"e": "5"})
+    assert len(plugin.resyncs) == 2
+
+
+async def test_topic_deleted_and_recreated(
+    bootstrap: str, topic: str, producer: AIOKafkaProducer, engine_on: list[DataSync]
+) -> None:
+    kafka = KafkaSettings(bootstrap_servers=bootstrap)
+    engine = DataSync(kafka, QUICK.model_copy(update={"create_topics": False}))
+    engine_on.append(engine)
+    spec = TopicSpec(name=topic, partitions=1, value="string")
+    engine.add_topic(spec, StringCodec())
+    await prepare_topics(kafka, [spec], create=True)
+    await put_all(producer, topic, [("a", "1"), ("b", "2"), ("c", "3")])
+    plugin = Recorder("p")
+    engine.watch("p", plugin, {topic: [""]})
+    await engine.start()
+    async with asyncio.timeout(20):
+        await engine.wait_ready()
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.delete_topics([topic])
+        async with asyncio.timeout(20):
+            await eventually(lambda: _gone(admin, topic))
+        await prepare_topics(kafka, [spec.model_copy(update={"partitions": 2})], create=True)
+    finally:
+        await admin.close()
+    fresh = AIOKafkaProducer(bootstrap_servers=bootstrap)  # no metadata of the old topic
+    await fresh.start()
+    try:
+        await put_all(fresh, topic, [("z", "new", 1)])
+    finally:
+        await fresh.stop()
+    async with asyncio.timeout(30):
+        await engine.wait_for(lambda: plugin.view == {"z": "new"} and engine.generation >= 2)
+    assert engine.running and plugin.stale_prev == []
+
+
+async def test_hanging_plugin_times_out_and_fetching_pauses(
+    bootstrap: str, topic: str, producer: AIOKafkaProducer, engine_on: list[DataSync]
+) -> None:
+    sync = QUICK.model_copy(update={"change_timeout_s": 0.5, "change_max_attempts": 2, "fetch_max_records": 50})
+    engine = DataSync(KafkaSettings(bootstrap_servers=bootstrap), sync)
+    engine_on.append(engine)
+    engine.add_topic(TopicSpec(name=topic, partitions=1, value="string"), StringCodec())
+    journal: list[tuple[str, str]] = []
+
+    class Hangs(Recorder):
+        async def change(self, event):  # type: ignore[no-untyped-def]
+            if any(c.key == "hang" for c in event.changes):
+                await asyncio.Event().wait()  # never returns
+            await super().change(event)
+
+    hangs, after = Hangs("hangs", journal), Recorder("after", journal)
+    engine.watch("hangs", hangs, {topic: [""]})
+    engine.watch("after", after, {topic: [""]})
+    await engine.start()
+    async with asyncio.timeout(20):
+        await engine.wait_ready()
+    await put_all(producer, topic, [("hang", "x")])
+    await asyncio.sleep(0.3)
+    await put_all(producer, topic, [(f"k{i}", "v") for i in range(2000)])
+    await asyncio.sleep(0.4)
+    # while the plugin hangs, the engine holds one batch: the table does not run ahead
+    assert len(engine.table(topic)) <= 1 + sync.fetch_max_records
+    async with asyncio.timeout(30):
+        await engine.wait_for(lambda: len(after.view) == 2001)
+    status = engine.status()["hangs"]
+    assert status.change_failures == 1 and "took longer than 0.5s" in (status.last_error or "")
+    assert engine.metrics.plugin_failures.labels("hangs", "change")._value.get() == 2
+    assert len(hangs.view) == 2000  # everything but the batch that hung
+    # order held: in each batch the earlier plugin was called (or gave up) before the later one
+    assert journal[:2] == [("resync", "hangs"), ("resync", "after")]
+
+
+async def test_poison_records_go_to_the_dead_letter_topic(
+    bootstrap: str, topic: str, producer: AIOKafkaProducer, engine_on: list[DataSync], tmp_path: Path
+) -> None:
+    (tmp_path / "T.avsc").write_text('{"type":"record","name":"T","fields":[{"name":"n","type":"int"}]}')
+    (tmp_path / "U.avsc").write_text('{"type":"record","name":"U","fields":[{"name":"s","type":"string"}]}')
+    store = SchemaStore.load(tmp_path)
+    codec = AvroCodec(store, store.get("T"))
+    dlq = f"{topic}.dlq"
+    spec = TopicSpec(name=topic, partitions=1, value="avro:T", dead_letter=dlq, max_value_bytes=64)
+    engine = DataSync(KafkaSettings(bootstrap_servers=bootstrap), QUICK)
+    engine_on.append(engine)
+    engine.add_topic(spec, codec)
+    plugin = Recorder("p")
+    engine.watch("p", plugin, {topic: [""]})
+    await engine.start()
+    async with asyncio.timeout(20):
+        await engine.wait_ready()
+    good = codec.encode({"n": 1})
+    unknown_schema = b"\xc3\x01" + b"\x01" * 8 + b"\x02"
+    other_schema = AvroCodec(store).encode({"s": "not a T"}, store.get("U"))  # a known schema that is not T
+    poison = [
+        ("k", b"not avro at all"),
+        ("k", unknown_schema),
+        ("k", good[:-1]),  # truncated body
+        (b"\xff\xfe", good),  # key not UTF-8
+        ("k", good + b"\x00" * 100),  # oversized
+    ]
+    offsets = await put_all(
+        producer, topic, [("k", good), *poison, ("other", other_schema), ("k", codec.encode({"n": 2}))]
+    )
+    async with asyncio.timeout(10):
+        await engine.wait_for(lambda: plugin.view.get("k") == {"n": 2})
+    assert [c.prev_value for c in plugin.changes if c.key == "k"] == [None, {"n": 1}]  # kept its last good value
+    bad = engine.metrics.bad_records
+    assert bad.labels(topic, "undecodable value")._value.get() == 4  # garbage, unknown, truncated, other schema
+    assert bad.labels(topic, "key not UTF-8")._value.get() == 1
+    assert bad.labels(topic, "oversized value")._value.get() == 1
+
+    consumer = AIOKafkaConsumer(dlq, bootstrap_servers=bootstrap, auto_offset_reset="earliest")
+    await consumer.start()
+    try:
+        copies = []
+        async with asyncio.timeout(10):
+            while len(copies) < 6:
+                for records in (await consumer.getmany(timeout_ms=500)).values():
+                    copies += records
+    finally:
+        await consumer.stop()
+    got = [(dict(r.headers)["datasync.reason"].decode(), int(dict(r.headers)["datasync.offset"])) for r in copies]
+    assert sorted(got, key=lambda g: g[1]) == [
+        ("undecodable value", offsets[1]),
+        ("undecodable value", offsets[2]),
+        ("undecodable value", offsets[3]),
+        ("key not UTF-8", offsets[4]),
+        ("oversized value", offsets[5]),
+        ("undecodable value", offsets[6]),
+    ]
+    first = copies[0]
+    assert first.key == f"{topic}/0@{offsets[1]}".encode() and first.value == b"not avro at all"
+    assert dict(first.headers)["datasync.topic"] == topic.encode()
+    assert json.dumps(engine.status()["p"].as_dict())  # status stays serialisable
+    assert engine.status()["p"].state is PluginState.READY
+
+
+async def _gone(admin: AIOKafkaAdminClient, topic: str) -> bool:
+    return topic not in await admin.list_topics()
