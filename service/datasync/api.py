@@ -8,14 +8,19 @@ concept's ``Done(nil)``; raising is ``Done(err)``.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, overload
 
 from datasync.codecs import Codec
+from datasync.publish import Publisher
+from datasync.settings import KafkaSettings
 from datasync.table import Entry
 
 Op = Literal["put", "delete"]
+
+# (start positions, end positions) -> batches of the changes in between; see datasync.replay
+Replay = Callable[[Mapping[tuple[str, int], int], Mapping[tuple[str, int], int]], AsyncIterator[list["Change"]]]
 
 _UNSET: Any = object()
 
@@ -138,9 +143,14 @@ class Change:
 
 @dataclass(frozen=True)
 class ResyncEvent:
-    """Every current key/value under the plugin's watched prefixes, grouped by prefix."""
+    """Every current key/value under the plugin's watched prefixes, grouped by prefix.
+
+    ``positions`` says how far the snapshot goes: for each watched
+    ``(topic, partition)``, the offset of the first record it does not include.
+    """
 
     values: Mapping[str, Sequence[KeyValue]]
+    positions: Mapping[tuple[str, int], int] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return sum(len(items) for items in self.values.values())
@@ -155,11 +165,33 @@ class ChangeEvent:
 
 @dataclass
 class PluginContext:
-    """What a plugin gets at start: its name, its settings from the bindings, a logger."""
+    """What a plugin gets at start: its name and settings, a logger, publishers, what it watches.
+
+    ``kafka`` and ``replay`` are for plugins that talk to Kafka themselves and
+    must see history, as the built-in changefeed does.
+    """
 
     name: str
     settings: Mapping[str, Any] = field(default_factory=dict)
     logger: logging.Logger = field(default_factory=lambda: logging.getLogger("datasync.plugin"))
+    publishers: Mapping[str, Publisher] = field(default_factory=dict)
+    watches: Mapping[str, Sequence[str]] = field(default_factory=dict)
+    kafka: KafkaSettings = field(default_factory=KafkaSettings)
+    replay: Replay | None = None
+
+    def publisher(self, name: str) -> Publisher:
+        try:
+            return self.publishers[name]
+        except KeyError:
+            raise KeyError(f"no publisher {name!r} (declared: {', '.join(self.publishers) or 'none'})") from None
+
+
+class PluginError(Exception):
+    """Raise it to say which keys failed; other exceptions fail every key of the event."""
+
+    def __init__(self, message: str, keys: Iterable[str] = ()) -> None:
+        super().__init__(message)
+        self.keys = tuple(keys)
 
 
 class Plugin:

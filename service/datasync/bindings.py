@@ -59,16 +59,25 @@ class WatchSpec(_Model):
     prefixes: list[str] = Field(default_factory=lambda: [""], min_length=1)
 
 
+class PublisherSpec(_Model):
+    """A named outbound target for plugins (``ctx.publisher(name)``); values use the topic's codec."""
+
+    name: str = Field(min_length=1)
+    topic: str
+
+
 class PluginSpec(_Model):
     name: str = Field(min_length=1)
     class_: str = Field(alias="class", pattern=r"^[\w.]+:[\w.]+$")
     watch: list[WatchSpec] = Field(min_length=1)
     settings: dict[str, Any] = Field(default_factory=dict)
     resync: Literal["full", "delta"] = Field(default="full", description="after a fault: full resync or deltas")
+    status: str | None = Field(default=None, description="publisher receiving each key's apply status")
 
 
 class BindingsFile(_Model):
     topics: list[TopicSpec] = Field(default_factory=list)
+    publishers: list[PublisherSpec] = Field(default_factory=list)
     plugins: list[PluginSpec] = Field(default_factory=list)
 
 
@@ -90,6 +99,7 @@ class PluginBinding:
 @dataclass(frozen=True)
 class Bindings:
     topics: dict[str, Topic]
+    publishers: dict[str, PublisherSpec]
     plugins: list[PluginBinding]
     schemas: SchemaStore
 
@@ -115,6 +125,15 @@ def load_bindings(topics_dir: Path, schemas_dir: Path) -> Bindings:
             except ValueError as exc:
                 raise ConfigError(source, f"{where}.value", str(exc)) from exc
             topics[spec.name] = Topic(spec, codec, source)
+    publishers: dict[str, PublisherSpec] = {}
+    for source, doc in parsed:
+        for i, pub in enumerate(doc.publishers):
+            where = f"publishers[{i}]"
+            if pub.name in publishers:
+                raise ConfigError(source, f"{where}.name", f"publisher {pub.name!r} is already declared")
+            if pub.topic not in topics:
+                raise ConfigError(source, f"{where}.topic", f"unknown topic {pub.topic!r} (declare it under topics)")
+            publishers[pub.name] = pub
     names: dict[str, str] = {}
     for source, doc in parsed:
         for i, plugin in enumerate(doc.plugins):
@@ -131,12 +150,14 @@ def load_bindings(topics_dir: Path, schemas_dir: Path) -> Bindings:
                         f"{where}.watch[{j}].topic",
                         f"unknown topic {watch.topic!r} (declared: {', '.join(topics) or 'none'})",
                     )
+            if plugin.status is not None and plugin.status not in publishers:
+                raise ConfigError(source, f"{where}.status", f"unknown publisher {plugin.status!r}")
             try:
                 factory = import_plugin(plugin.class_)
             except ValueError as exc:
                 raise ConfigError(source, f"{where}.class", str(exc)) from exc
             plugins.append(PluginBinding(plugin, factory, source, where))
-    return Bindings(topics, plugins, schemas)
+    return Bindings(topics, publishers, plugins, schemas)
 
 
 def import_plugin(path: str) -> type:

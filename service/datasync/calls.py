@@ -41,6 +41,8 @@ class PluginCalls:
         try:
             await self._timed(reg, "resync", self._sync.resync_timeout_s, lambda: reg.plugin.resync(event))
         except Exception as exc:
+            if reg.apply_status is not None:
+                await reg.apply_status.resynced(event, exc)
             status.last_error = f"resync: {exc!r}"
             attempts = status.resync_attempts
             if attempts >= self._sync.resync_max_attempts:
@@ -58,6 +60,8 @@ class PluginCalls:
                 )
             return
         took = time.monotonic() - started
+        if reg.apply_status is not None:
+            await reg.apply_status.resynced(event, None)
         status.state = PluginState.READY
         status.resync_attempts = 0
         status.last_resync_at = time.time()
@@ -75,6 +79,8 @@ class PluginCalls:
                 if len(event.changes) > 10:
                     where += f" and {len(event.changes) - 10} more"
                 if attempt == attempts:
+                    if reg.apply_status is not None:
+                        await reg.apply_status.changed(event, exc)
                     reg.status.change_failures += 1
                     reg.status.last_error = f"change: {exc!r}"
                     log.error("plugin %s: change of %s failed %d times, skipped: %r", reg.name, where, attempt, exc)
@@ -82,6 +88,8 @@ class PluginCalls:
                 log.warning("plugin %s: change of %s failed (attempt %d), retrying: %r", reg.name, where, attempt, exc)
                 await asyncio.sleep(self._sync.change_backoff_s * 2 ** (attempt - 1))
                 continue
+            if reg.apply_status is not None:
+                await reg.apply_status.changed(event, None)
             reg.status.changes_applied += len(event.changes)
             puts = sum(1 for c in event.changes if c.op == "put")
             if puts:

@@ -26,6 +26,7 @@ from aiokafka.errors import KafkaError, OffsetOutOfRangeError
 
 from datasync.admin import prepare_topics
 from datasync.api import Change, ChangeEvent, KeyValues, Plugin, PluginContext, ResyncEvent
+from datasync.applystatus import ApplyStatus
 from datasync.bindings import Bindings, TopicSpec
 from datasync.calls import PluginCalls
 from datasync.codecs import Codec
@@ -34,8 +35,10 @@ from datasync.errors import ConfigError, TopicError
 from datasync.ingest import Ingest
 from datasync.metrics import Metrics
 from datasync.probe import BrokerProbe
+from datasync.publish import Publisher, Publishing
 from datasync.reader import Batch, TableReader
 from datasync.registration import Registration, ResyncMode
+from datasync.replay import Replayer
 from datasync.settings import KafkaSettings, SyncSettings
 from datasync.status import PluginState, PluginStatus
 from datasync.table import StateTable
@@ -53,10 +56,13 @@ class DataSync:
         self.kafka = kafka
         self.sync = sync or SyncSettings()
         self.metrics = metrics or Metrics()
-        self._topics: dict[str, TopicSpec] = {}
+        self._declared: dict[str, TopicSpec] = {}  # every topic the engine knows
+        self._topics: dict[str, TopicSpec] = {}  # the topics read into tables
         self._codecs: dict[str, Codec] = {}
         self._tables: dict[str, StateTable] = {}
         self._registrations: list[Registration] = []
+        self._publishers: dict[str, Publisher] = {}
+        self.publishing = Publishing(kafka, self.metrics)
         self._calls = PluginCalls(self.sync, self.metrics)
         self._reader: TableReader | None = None
         self._dead_letters: DeadLetters | None = None
@@ -77,8 +83,11 @@ class DataSync:
     @classmethod
     def from_bindings(cls, bindings: Bindings, kafka: KafkaSettings, sync: SyncSettings | None = None) -> DataSync:
         engine = cls(kafka, sync)
+        watched = {w.topic for binding in bindings.plugins for w in binding.spec.watch}
         for topic in bindings.topics.values():
-            engine.add_topic(topic.spec, topic.codec)
+            engine.add_topic(topic.spec, topic.codec, read=topic.spec.name in watched)
+        for pub in bindings.publishers.values():
+            engine.add_publisher(pub.name, pub.topic)
         for binding in bindings.plugins:
             spec = binding.spec
             watches: dict[str, list[str]] = {}
@@ -89,15 +98,26 @@ class DataSync:
             except Exception as exc:
                 where = f"{binding.field}.class"
                 raise ConfigError(binding.source, where, f"cannot create the plugin: {exc!r}") from exc
-            engine.watch(spec.name, plugin, watches, spec.settings, spec.resync)
+            engine.watch(spec.name, plugin, watches, spec.settings, spec.resync, spec.status)
         return engine
 
-    def add_topic(self, spec: TopicSpec, codec: Codec) -> None:
+    def add_topic(self, spec: TopicSpec, codec: Codec, read: bool = True) -> None:
+        """Declare a topic; with ``read`` it is read into a state table (publish-only topics are not)."""
         if self._task is not None:
             raise RuntimeError("add topics before start()")
-        self._topics[spec.name] = spec
+        self._declared[spec.name] = spec
         self._codecs[spec.name] = codec
-        self._tables[spec.name] = StateTable(spec.name)
+        if read:
+            self._topics[spec.name] = spec
+            self._tables[spec.name] = StateTable(spec.name)
+
+    def add_publisher(self, name: str, topic: str) -> Publisher:
+        """A publisher plugins get as ``ctx.publisher(name)``; values are encoded with the topic's codec."""
+        if topic not in self._declared:
+            raise ValueError(f"publisher {name!r}: unknown topic {topic!r}")
+        publisher = self.publishing.publisher(name, topic, self._codecs[topic])
+        self._publishers[name] = publisher
+        return publisher
 
     def watch(
         self,
@@ -106,13 +126,15 @@ class DataSync:
         watches: Mapping[str, Sequence[str]],
         settings: Mapping[str, Any] | None = None,
         resync_mode: ResyncMode = "full",
+        status_publisher: str | None = None,
     ) -> Registration:
         """Register ``plugin`` for the given ``{topic: [key prefixes]}``.
 
         Plugins resync in registration order. A plugin registered while the
         engine runs gets its resync before its first change. With
         ``resync_mode="delta"`` a plugin that was in sync before a fault gets
-        the differences as a CHANGE event instead of a full RESYNC.
+        the differences as a CHANGE event instead of a full RESYNC. With a
+        ``status_publisher`` each key's apply result is published there.
         """
         if any(r.name == name for r in self._registrations):
             raise ValueError(f"a plugin named {name!r} is already registered")
@@ -121,7 +143,12 @@ class DataSync:
                 raise ValueError(f"plugin {name!r} watches unknown topic {topic!r}")
             if len(set(prefixes)) != len(prefixes):
                 raise ValueError(f"plugin {name!r} watches a prefix of {topic!r} twice")
-        reg = Registration(name, plugin, watches, settings or {}, resync_mode, self._unregister)
+        apply_status = None
+        if status_publisher is not None:
+            if status_publisher not in self._publishers:
+                raise ValueError(f"plugin {name!r}: unknown status publisher {status_publisher!r}")
+            apply_status = ApplyStatus(self._publishers[status_publisher], name)
+        reg = Registration(name, plugin, watches, settings or {}, resync_mode, apply_status, self._unregister)
         self._registrations.append(reg)
         self._wakeup.set()
         return reg
@@ -136,6 +163,10 @@ class DataSync:
 
     def table(self, topic: str) -> StateTable:
         return self._tables[topic]
+
+    def codec(self, topic: str) -> Codec | None:
+        """The codec of a declared topic (None if the topic is not declared)."""
+        return self._codecs.get(topic)
 
     def status(self) -> dict[str, PluginStatus]:
         return {r.name: r.status for r in self._registrations}
@@ -173,12 +204,14 @@ class DataSync:
             raise RuntimeError("already started")
         dead = {name: spec.dead_letter for name, spec in self._topics.items() if spec.dead_letter}
         dead_specs = [TopicSpec(name=t, partitions=1, compacted=True) for t in sorted(set(dead.values()))]
-        partitions = await prepare_topics(self.kafka, [*self._topics.values(), *dead_specs], self.sync.create_topics)
+        specs = [*self._declared.values(), *dead_specs]
+        partitions = await prepare_topics(self.kafka, specs, self.sync.create_topics)
         self.broker_connected = True
         self.metrics.broker_up.set(1)
         self._ingest = Ingest(self._topics, self._codecs, self.metrics, self.sync.emit_identical_puts)
         self._dead_letters = DeadLetters(self.kafka, dead, self.metrics)
         await self._dead_letters.start()
+        await self.publishing.start()
         self._reader = TableReader(self.kafka, self.sync.fetch_max_records)
         await self._reader.start({t: n for t, n in partitions.items() if t in self._topics})
         self._task = asyncio.create_task(self._run(), name="datasync-engine")
@@ -204,6 +237,7 @@ class DataSync:
             if reg.started:
                 await self._calls.hook(reg, "stop")
                 reg.started = False
+        await self.publishing.stop()
         if self._dead_letters is not None:
             await self._dead_letters.stop()
         if self._reader is not None:
@@ -330,7 +364,11 @@ class DataSync:
 
     async def _resync(self, reg: Registration) -> None:
         if not reg.started:
-            ctx = PluginContext(reg.name, reg.settings, logging.getLogger(f"datasync.plugin.{reg.name}"))
+            plugin_log = logging.getLogger(f"datasync.plugin.{reg.name}")
+            replayer = Replayer(self.kafka, self.sync, self._topics, self._codecs)
+            ctx = PluginContext(
+                reg.name, reg.settings, plugin_log, self._publishers, reg.watches, self.kafka, replayer.changes
+            )
             if not await self._calls.hook(reg, "start", ctx):
                 reg.status.state = PluginState.FAILED
                 return
@@ -348,7 +386,10 @@ class DataSync:
             table, codec = self._tables[topic], self._codecs[topic]
             for prefix in prefixes:
                 values[prefix] = KeyValues(topic, table.under(prefix), codec)
-        await self._calls.resync(reg, ResyncEvent(values))
+        assert self._reader is not None
+        positions = {(tp.topic, tp.partition): n for tp, n in (await self._reader.positions()).items()}
+        watched = {key: n for key, n in positions.items() if key[0] in reg.watches}
+        await self._calls.resync(reg, ResyncEvent(values, watched))
 
     def _differences(self, reg: Registration, base: dict[str, StateTable]) -> list[Change]:
         """The changes that turn the plugin's old view into the rebuilt tables, sorted by key."""

@@ -55,4 +55,8 @@ class Metrics:
         self.dead_letter_failures = Counter(
             "datasync_dead_letter_failures", "Rejected records that could not be copied", ["topic"], registry=r
         )
+        self.published = Counter("datasync_records_published", "Records acknowledged", ["publisher"], registry=r)
+        self.publish_failures = Counter(
+            "datasync_publish_failures", "Records the broker did not acknowledge", ["publisher"], registry=r
+        )
         self.broker_up = Gauge("datasync_broker_connected", "1 while the broker answers, else 0", registry=r)

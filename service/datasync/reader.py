@@ -67,6 +67,9 @@ class TableReader:
                 left[tp] = end - position
         return left
 
+    async def positions(self) -> dict[TopicPartition, int]:
+        return {tp: await self.consumer.position(tp) for tp in self.partitions}
+
     async def lag(self) -> dict[TopicPartition, int]:
         """High watermark (as the last fetch reported it) minus position, per partition."""
         consumer, out = self.consumer, {}

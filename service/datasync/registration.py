@@ -6,6 +6,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Literal
 
 from datasync.api import Plugin
+from datasync.applystatus import ApplyStatus
 from datasync.status import PluginStatus
 from datasync.table import StateTable
 
@@ -22,6 +23,7 @@ class Registration:
         watches: Mapping[str, Sequence[str]],
         settings: Mapping[str, Any],
         resync_mode: ResyncMode,
+        apply_status: ApplyStatus | None,
         on_close: Callable[[Registration], Awaitable[None]],
     ) -> None:
         self.name = name
@@ -29,6 +31,7 @@ class Registration:
         self.watches = {topic: tuple(prefixes) for topic, prefixes in watches.items()}
         self.settings = settings
         self.resync_mode = resync_mode
+        self.apply_status = apply_status
         self.status = PluginStatus()
         self.due = 0.0  # monotonic time of the next resync attempt
         self.started = False

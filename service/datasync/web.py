@@ -1,11 +1,18 @@
-"""The HTTP server: ``/metrics``, ``/healthz``, ``/readyz``, ``/v1/status``.
+"""The HTTP server: ``/metrics``, ``/healthz``, ``/readyz``, ``/v1/status`` and the key endpoints.
 
 aiohttp serves it on the engine's event loop, so a loop that stops answering
 makes ``/healthz`` time out, and a stuck engine makes it fail.
+
+``GET /v1/topics/{topic}/keys/{key}`` reads the state table. ``PUT`` (a JSON
+body, validated by the topic's codec) and ``DELETE`` (a tombstone) write to
+Kafka; they are off unless enabled and then need the bearer token. Nothing
+reaches Kafka unless the request is authorised and the value valid.
 """
 
 from __future__ import annotations
 
+import hmac
+import json
 import time
 from typing import Any
 
@@ -13,6 +20,8 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from datasync.engine import DataSync
+from datasync.errors import EncodeError
+from datasync.publish import PublishError
 from datasync.settings import HttpSettings
 from datasync.status import PluginState
 
@@ -21,14 +30,79 @@ SETTINGS: web.AppKey[HttpSettings] = web.AppKey("settings", HttpSettings)
 
 
 def build_app(engine: DataSync, settings: HttpSettings) -> web.Application:
-    app = web.Application(client_max_size=1024 * 1024)
+    app = web.Application(client_max_size=settings.max_body_bytes)
     app[ENGINE] = engine
     app[SETTINGS] = settings
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/v1/status", status)
+    app.router.add_get(KEY_PATH, get_key)
+    app.router.add_put(KEY_PATH, put_key)
+    app.router.add_delete(KEY_PATH, delete_key)
     return app
+
+
+KEY_PATH = "/v1/topics/{topic}/keys/{key:.+}"
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+async def get_key(request: web.Request) -> web.Response:
+    engine, topic, key = request.app[ENGINE], request.match_info["topic"], request.match_info["key"]
+    codec = engine.codec(topic)
+    try:
+        entry = engine.table(topic).get(key)
+    except KeyError:
+        return _error(404, f"topic {topic!r} is not read into a table")
+    if entry is None or codec is None:
+        return _error(404, f"no key {key!r} in {topic!r}")
+    value = codec.decode(entry.value)
+    if isinstance(value, bytes):
+        return _error(406, "the value is raw bytes; use `datasync dump`")
+    body = {"topic": topic, "key": key, "value": value, "revision": entry.offset, "partition": entry.partition}
+    return web.json_response(body)
+
+
+async def put_key(request: web.Request) -> web.Response:
+    return await _write(request, delete=False)
+
+
+async def delete_key(request: web.Request) -> web.Response:
+    return await _write(request, delete=True)
+
+
+async def _write(request: web.Request, delete: bool) -> web.Response:
+    engine, settings = request.app[ENGINE], request.app[SETTINGS]
+    if not settings.writes_enabled or settings.token is None:
+        return _error(403, "writes are disabled (DATASYNC_HTTP__WRITES_ENABLED)")
+    expected = f"Bearer {settings.token.get_secret_value()}".encode()
+    if not hmac.compare_digest(request.headers.get("Authorization", "").encode(), expected):
+        return _error(401, "missing or wrong bearer token")
+    topic, key = request.match_info["topic"], request.match_info["key"]
+    codec = engine.codec(topic)
+    if codec is None:
+        return _error(404, f"topic {topic!r} is not declared")
+    raw: bytes | None = None
+    if not delete:
+        try:
+            value = json.loads(await request.read())
+        except web.HTTPRequestEntityTooLarge:
+            return _error(413, f"body larger than {settings.max_body_bytes} bytes")
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            return _error(400, f"body is not JSON: {exc}")
+        try:
+            raw = codec.encode(value)
+        except EncodeError as exc:
+            return _error(422, str(exc))
+    try:
+        [delivery] = await engine.publishing.send_many("http", topic, [(key.encode(), raw)])
+    except PublishError as exc:
+        return _error(503, str(exc))
+    body = {"topic": topic, "key": key, "partition": delivery.partition, "offset": delivery.offset}
+    return web.json_response(body, status=200)
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -1,0 +1,146 @@
+"""The built-in ``changefeed`` plugin: a table's changes as change events on an outbound topic.
+
+Kafka has no "previous value"; the state table has. Each change becomes a
+Debezium-style envelope ``{op: c|u|d|r, key, before, after, source: {topic,
+partition, offset}, ts_ms}`` (``ts_ms`` is the source record's timestamp), sent
+through a publisher; after a delete, optionally a tombstone so the outbound
+topic can be compacted too.
+
+No gaps and no repeats across restarts: the envelopes and a checkpoint per
+source partition (in a compacted ``<outbound>.checkpoints`` topic) are written
+in one Kafka transaction. On restart the feed reads its checkpoints and emits,
+through a replay of the source, exactly the changes after them. Consumers of
+the outbound topic must read with ``isolation_level=read_committed``.
+
+    plugins:
+      - name: interfaces-feed
+        class: datasync.changefeed:Changefeed
+        settings: {publisher: interface-changes, tombstones: true, snapshot: false}
+        watch: [{topic: demo.interfaces}]
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from datasync.admin import prepare_topics
+from datasync.api import Change, ChangeEvent, Plugin, PluginContext, Replay, ResyncEvent
+from datasync.bindings import TopicSpec
+from datasync.publish import Publisher
+from datasync.settings import KafkaSettings
+
+Partition = tuple[str, int]
+
+
+class Changefeed(Plugin):
+    async def start(self, ctx: PluginContext) -> None:
+        settings = ctx.settings
+        self.log = ctx.logger
+        self.out: Publisher = ctx.publisher(settings["publisher"])
+        self.tombstones = bool(settings.get("tombstones", True))
+        self.snapshot = bool(settings.get("snapshot", False))
+        self.kafka: KafkaSettings = ctx.kafka
+        assert ctx.replay is not None, "the changefeed needs the engine's replay"
+        self.replay: Replay = ctx.replay
+        self.watches = {topic: tuple(prefixes) for topic, prefixes in ctx.watches.items()}
+        self.checkpoint_topic = settings.get("checkpoint_topic", f"{self.out.topic}.checkpoints")
+        spec = TopicSpec(name=self.checkpoint_topic, partitions=1, compacted=True)
+        await prepare_topics(self.kafka, [spec], create=True)
+        transactional_id = settings.get("transactional_id", f"datasync-changefeed-{ctx.name}")
+        # Starting a producer with this id fences an older incarnation and aborts its open transaction.
+        self.producer = AIOKafkaProducer(**self.kafka.client_options(), transactional_id=transactional_id)
+        await self.producer.start()
+        self.emitted: dict[Partition, int] = {}  # per source partition: the next offset to emit
+
+    async def stop(self) -> None:
+        await self.producer.stop()
+
+    async def resync(self, event: ResyncEvent) -> None:
+        """Catch up from the checkpoints to the snapshot, then carry on from the snapshot."""
+        self.emitted = await self._read_checkpoints()
+        todo = {p: n for p, n in event.positions.items() if self.emitted.get(p, n) < n}
+        if todo:
+            start = {p: self.emitted.get(p, n) for p, n in event.positions.items()}
+            async for changes in self.replay(start, event.positions):
+                watched = [c for c in changes if c.key.startswith(self.watches.get(c.topic, ()))]
+                await self._emit([self._envelope(c) for c in watched], watched, {})
+            self.log.info("caught up %d partition(s) from their checkpoints", len(todo))
+        fresh = {p for p in event.positions if p not in self.emitted}
+        if fresh and self.snapshot:
+            envelopes = [self._snapshot(kv.topic, kv.partition, kv.revision, kv.key, kv.value, kv.timestamp)
+                         for items in event.values.values() for kv in items
+                         if (kv.topic, kv.partition) in fresh]  # fmt: skip
+            self.log.info("snapshot of %d keys", len(envelopes))
+            await self._emit(envelopes, [], {p: event.positions[p] for p in fresh})
+        await self._emit([], [], dict(event.positions))  # everything before the snapshot is done
+
+    async def change(self, event: ChangeEvent) -> None:
+        # A change at or before the checkpoint was emitted already (by the catch-up or a committed retry).
+        todo = [c for c in event.changes if c.revision >= self.emitted.get((c.topic, c.partition), 0)]
+        await self._emit([self._envelope(c) for c in todo], todo, {})
+
+    def _envelope(self, change: Change) -> list[tuple[str, Any]]:
+        if change.op == "delete":
+            op, before, after = "d", change.prev_value, None
+        else:
+            op, before, after = ("c" if change.prev_revision is None else "u"), change.prev_value, change.value
+        source = {"topic": change.topic, "partition": change.partition, "offset": change.revision}
+        value = {"op": op, "key": change.key, "before": before, "after": after, "source": source,
+                 "ts_ms": change.timestamp}  # fmt: skip
+        out: list[tuple[str, Any]] = [(change.key, value)]
+        if op == "d" and self.tombstones:
+            out.append((change.key, None))
+        return out
+
+    def _snapshot(
+        self, topic: str, partition: int, offset: int, key: str, value: Any, ts: int
+    ) -> list[tuple[str, Any]]:
+        source = {"topic": topic, "partition": partition, "offset": offset}
+        return [(key, {"op": "r", "key": key, "before": None, "after": value, "source": source, "ts_ms": ts})]
+
+    async def _emit(
+        self, envelopes: Iterable[list[tuple[str, Any]]], changes: list[Change], positions: dict[Partition, int]
+    ) -> None:
+        """Send the envelopes and the new checkpoints in one transaction."""
+        records = [(key.encode(), None if v is None else self.out.codec.encode(v)) for e in envelopes for key, v in e]
+        done = dict(positions)
+        for c in changes:
+            done[(c.topic, c.partition)] = max(done.get((c.topic, c.partition), 0), c.revision + 1)
+        done = {p: n for p, n in done.items() if n > self.emitted.get(p, -1)}
+        if not records and not done:
+            return
+        async with self.producer.transaction():
+            for key, value in records:
+                await self.producer.send(self.out.topic, value, key=key)
+            for (topic, partition), offset in done.items():
+                checkpoint = json.dumps({"offset": offset}).encode()
+                await self.producer.send(self.checkpoint_topic, checkpoint, key=f"{topic}/{partition}".encode())
+        self.emitted.update(done)
+
+    async def _read_checkpoints(self) -> dict[Partition, int]:
+        consumer = AIOKafkaConsumer(
+            **self.kafka.client_options(), enable_auto_commit=False, isolation_level="read_committed"
+        )
+        await consumer.start()
+        try:
+            tp = TopicPartition(self.checkpoint_topic, 0)
+            consumer.assign([tp])
+            await consumer.seek_to_beginning(tp)
+            end = (await consumer.end_offsets([tp]))[tp]
+            found: dict[Partition, int] = {}
+            while await consumer.position(tp) < end:
+                for record in (await consumer.getmany(tp, timeout_ms=500)).get(tp, []):
+                    if record.key is None:
+                        continue
+                    topic, _, partition = record.key.decode().rpartition("/")
+                    if record.value is None:
+                        found.pop((topic, int(partition)), None)
+                    else:
+                        found[(topic, int(partition))] = int(json.loads(record.value)["offset"])
+            return found
+        finally:
+            await consumer.stop()

@@ -1,0 +1,135 @@
+"""Publishing: plugins write values and change events to Kafka without knowing the topic.
+
+Every publisher shares one producer configured not to lose or duplicate data:
+``acks=all`` and idempotence (which bounds the requests in flight per
+connection). Values are encoded before anything is sent, so a value that does
+not match the schema raises ``EncodeError`` and nothing reaches Kafka.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
+
+from datasync.codecs import Codec
+from datasync.metrics import Metrics
+from datasync.settings import KafkaSettings
+
+log = logging.getLogger("datasync.publish")
+
+
+class PublishError(Exception):
+    """The broker did not acknowledge a record; ``__cause__`` is the Kafka error."""
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """Where an acknowledged record landed."""
+
+    topic: str
+    partition: int
+    offset: int
+
+
+OnDone = Callable[[Delivery | None, BaseException | None], None]
+
+
+class Publishing:
+    """Owns the shared producer and the fire-and-forget sends still in flight."""
+
+    def __init__(self, kafka: KafkaSettings, metrics: Metrics) -> None:
+        self._kafka = kafka
+        self._metrics = metrics
+        self._producer: AIOKafkaProducer | None = None
+        self._in_flight: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        producer = AIOKafkaProducer(**self._kafka.client_options(), acks="all", enable_idempotence=True, linger_ms=2)
+        await producer.start()
+        self._producer = producer
+
+    async def stop(self) -> None:
+        """Wait for fire-and-forget sends, then flush and close the producer."""
+        if self._in_flight:
+            await asyncio.gather(*self._in_flight, return_exceptions=True)
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            await producer.stop()
+
+    def publisher(self, name: str, topic: str, codec: Codec) -> Publisher:
+        return Publisher(self, name, topic, codec)
+
+    async def send_many(self, name: str, topic: str, records: list[tuple[bytes, bytes | None]]) -> list[Delivery]:
+        """Send encoded records in order and wait until the broker acknowledged every one."""
+        if self._producer is None:
+            raise PublishError("publishing is not started")
+        try:
+            futures = [await self._producer.send(topic, value, key=key) for key, value in records]
+            results = [await f for f in futures]
+        except KafkaError as exc:
+            self._metrics.publish_failures.labels(name).inc(len(records))
+            raise PublishError(f"publisher {name}: {topic}: {exc}") from exc
+        self._metrics.published.labels(name).inc(len(records))
+        return [Delivery(r.topic, r.partition, r.offset) for r in results]
+
+    def spawn(self, coro: Any, on_done: OnDone | None) -> None:
+        """Run a send in the background; the task is owned here and awaited by stop()."""
+
+        async def run() -> None:
+            try:
+                delivery = await coro
+            except Exception as exc:
+                log.warning("background publish failed: %r", exc)
+                if on_done is not None:
+                    on_done(None, exc)
+                return
+            if on_done is not None:
+                on_done(delivery, None)
+
+        task = asyncio.create_task(run())
+        self._in_flight.add(task)
+        task.add_done_callback(self._in_flight.discard)
+
+
+class Publisher:
+    """Handed to plugins as ``ctx.publisher(name)``; encodes with the topic's codec."""
+
+    def __init__(self, publishing: Publishing, name: str, topic: str, codec: Codec) -> None:
+        self.name = name
+        self.topic = topic
+        self.codec = codec
+        self._publishing = publishing
+
+    async def put(self, key: str, value: Any) -> Delivery:
+        """Encode ``value`` and return once the broker has acknowledged it."""
+        return (await self.put_many([(key, value)]))[0]
+
+    async def delete(self, key: str) -> Delivery:
+        """Write a tombstone for ``key``."""
+        return (await self.put_many([(key, None)]))[0]
+
+    async def put_many(self, items: Iterable[tuple[str, Any]]) -> list[Delivery]:
+        """Encode every value first (None deletes), then send them all and wait for the acknowledgements."""
+        records = [(key.encode(), None if value is None else self.codec.encode(value)) for key, value in items]
+        return await self._publishing.send_many(self.name, self.topic, records)
+
+    def put_nowait(self, key: str, value: Any, on_done: OnDone | None = None) -> None:
+        """Encode now (raising EncodeError at once), send in the background, call ``on_done`` when acknowledged."""
+        record = (key.encode(), None if value is None else self.codec.encode(value))
+        self._publishing.spawn(self._publishing.send_many(self.name, self.topic, [record]), _first(on_done))
+
+
+def _first(on_done: OnDone | None) -> OnDone | None:
+    if on_done is None:
+        return None
+
+    def unwrap(result: Any, exc: BaseException | None) -> None:
+        on_done(result[0] if result else None, exc)
+
+    return unwrap
