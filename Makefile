@@ -27,6 +27,9 @@ lint: setup
 test: lint  ## lint, type-check, and the whole suite against a real local broker
 	$(BIN)/pytest
 
+soak: setup  ## 1M keys, 200k live changes, a second resync; checks the view and the memory
+	$(BIN)/pytest -m soak -s tests/test_soak.py
+
 bench: setup  ## resync and live throughput against the raw-client limit (see README)
 	$(BIN)/python bench/run.py
 
