@@ -12,7 +12,7 @@ import aiohttp
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from datasync import DataSync, Delivery, PluginError
+from datasync import DataSync, Delivery, PluginError, Publisher
 from datasync.admin import prepare_topics
 from datasync.bindings import TopicSpec
 from datasync.changefeed import Changefeed
@@ -109,21 +109,19 @@ async def changefeed_engine(bootstrap: str, source: str, settings: dict[str, Any
 
 @pytest.mark.parametrize("tombstones", [True, False])
 async def test_changefeed_envelopes(bootstrap: str, topic: str, engines: list[DataSync], tombstones: bool) -> None:
-    engine, outbound = await changefeed_engine(bootstrap, topic, {"snapshot": True, "tombstones": tombstones})
-    engines.append(engine)
-    source = engine.add_publisher("source", topic)
-    await engine.start()
-    async with asyncio.timeout(20):
-        await engine.wait_ready()
+    async def start_feed() -> tuple[DataSync, Publisher, str]:
+        engine, outbound = await changefeed_engine(bootstrap, topic, {"snapshot": True, "tombstones": tombstones})
+        engines.append(engine)
+        source = engine.add_publisher("source", topic)
+        await engine.start()
+        async with asyncio.timeout(20):
+            await engine.wait_ready()
+        return engine, source, outbound
+
+    engine, source, outbound = await start_feed()
     await source.put("cfg/a", {"v": 1})  # after the (empty) snapshot: a create
     await engine.stop()  # and start again: the existing key is not a snapshot record (there is a checkpoint)
-
-    engine, outbound = await changefeed_engine(bootstrap, topic, {"snapshot": True, "tombstones": tombstones})
-    engines.append(engine)
-    source = engine.add_publisher("source", topic)
-    await engine.start()
-    async with asyncio.timeout(20):
-        await engine.wait_ready()
+    engine, source, outbound = await start_feed()
     await source.put("cfg/b", {"v": 2})
     await source.put("cfg/a", {"v": 11})
     await source.put("other/x", {"v": 0})  # not watched
