@@ -15,7 +15,7 @@ from typing import Any, Literal, overload
 from datasync.codecs import Codec
 from datasync.publish import Publisher
 from datasync.settings import KafkaSettings
-from datasync.table import Entry
+from datasync.table import Entry, Packed, value_of
 
 Op = Literal["put", "delete"]
 
@@ -28,38 +28,38 @@ _UNSET: Any = object()
 class KeyValue:
     """One current key/value of a resync. The value is decoded on first access."""
 
-    __slots__ = ("topic", "key", "_entry", "_codec", "_value")
+    __slots__ = ("topic", "key", "_packed", "_codec", "_value")
 
-    def __init__(self, topic: str, key: str, entry: Entry, codec: Codec) -> None:
+    def __init__(self, topic: str, key: str, packed: Packed, codec: Codec) -> None:
         self.topic = topic
         self.key = key
-        self._entry = entry
+        self._packed = packed
         self._codec = codec
         self._value = _UNSET
 
     @property
     def value(self) -> Any:
         if self._value is _UNSET:
-            self._value = self._codec.decode(self._entry.value)
+            self._value = self._codec.decode(value_of(self._packed))
         return self._value
 
     @property
     def raw_value(self) -> bytes:
-        return self._entry.value
+        return value_of(self._packed)
 
     @property
     def revision(self) -> int:
         """The Kafka offset of the record that set this value."""
-        return self._entry.offset
+        return Entry.unpack(self._packed).offset
 
     @property
     def partition(self) -> int:
-        return self._entry.partition
+        return Entry.unpack(self._packed).partition
 
     @property
     def timestamp(self) -> int:
         """Record timestamp in milliseconds since the epoch."""
-        return self._entry.timestamp
+        return Entry.unpack(self._packed).timestamp
 
     def __repr__(self) -> str:
         return f"KeyValue({self.topic!r}, {self.key!r}, revision={self.revision})"
@@ -74,7 +74,7 @@ class KeyValues(Sequence[KeyValue]):
 
     __slots__ = ("_topic", "_pairs", "_codec")
 
-    def __init__(self, topic: str, pairs: list[tuple[str, Entry]], codec: Codec) -> None:
+    def __init__(self, topic: str, pairs: list[tuple[str, Packed]], codec: Codec) -> None:
         self._topic = topic
         self._pairs = pairs
         self._codec = codec
@@ -89,13 +89,13 @@ class KeyValues(Sequence[KeyValue]):
     def __getitem__(self, index: int | slice) -> KeyValue | Sequence[KeyValue]:
         if isinstance(index, slice):
             return KeyValues(self._topic, self._pairs[index], self._codec)
-        key, entry = self._pairs[index]
-        return KeyValue(self._topic, key, entry, self._codec)
+        key, packed = self._pairs[index]
+        return KeyValue(self._topic, key, packed, self._codec)
 
     def __iter__(self) -> Iterator[KeyValue]:
         topic, codec = self._topic, self._codec
-        for key, entry in self._pairs:
-            yield KeyValue(topic, key, entry, codec)
+        for key, packed in self._pairs:
+            yield KeyValue(topic, key, packed, codec)
 
 
 class Change:
@@ -113,7 +113,7 @@ class Change:
         op: Op,
         key: str,
         value: Any,
-        prev: Entry | None,
+        prev: Packed | None,
         revision: int,
         partition: int,
         timestamp: int,
@@ -131,11 +131,11 @@ class Change:
 
     @property
     def prev_value(self) -> Any:
-        return None if self._prev is None else self._codec.decode(self._prev.value)
+        return None if self._prev is None else self._codec.decode(value_of(self._prev))
 
     @property
     def prev_revision(self) -> int | None:
-        return None if self._prev is None else self._prev.offset
+        return None if self._prev is None else Entry.unpack(self._prev).offset
 
     def __repr__(self) -> str:
         return f"Change({self.op} {self.topic!r} {self.key!r} revision={self.revision})"

@@ -41,7 +41,7 @@ from datasync.registration import Registration, ResyncMode
 from datasync.replay import Replayer
 from datasync.settings import KafkaSettings, SyncSettings
 from datasync.status import PluginState, PluginStatus
-from datasync.table import StateTable
+from datasync.table import Entry, StateTable, same_value, value_of
 
 log = logging.getLogger("datasync")
 
@@ -403,11 +403,13 @@ class DataSync:
                 if after is None:
                     assert before is not None
                     # the tombstone itself may be compacted away: the revision is the last one seen
-                    changes.append(Change(topic, "delete", key, None, before, before.offset, before.partition,
-                                          before.timestamp, codec))  # fmt: skip
-                elif before is None or before.value != after.value:
-                    changes.append(Change(topic, "put", key, codec.decode(after.value), before, after.offset,
-                                          after.partition, after.timestamp, codec))  # fmt: skip
+                    was = Entry.unpack(before)
+                    changes.append(Change(topic, "delete", key, None, before, was.offset, was.partition,
+                                          was.timestamp, codec))  # fmt: skip
+                elif before is None or not same_value(before, value_of(after)):
+                    now = Entry.unpack(after)
+                    changes.append(Change(topic, "put", key, codec.decode(now.value), before, now.offset,
+                                          now.partition, now.timestamp, codec))  # fmt: skip
         return changes
 
     # -- incremental changes --------------------------------------------------

@@ -19,7 +19,7 @@ from datasync.bindings import TopicSpec
 from datasync.codecs import Codec
 from datasync.errors import DecodeError
 from datasync.metrics import Metrics
-from datasync.table import Entry, StateTable
+from datasync.table import StateTable, pack, same_value
 
 log = logging.getLogger("datasync.ingest")
 
@@ -45,10 +45,36 @@ class Ingest:
         self.rejected: list[Rejected] = []
 
     def fold_all(self, table: StateTable, records: list[Record]) -> None:
-        """Fold records into ``table`` without producing changes (table rebuild)."""
+        """Fold records into ``table`` without producing changes (table rebuild).
+
+        The hot loop of a resync: the same rules as ``fold``, written out flat.
+        """
+        topic, data = table.topic, table.data
+        decode, limit = self._codecs[topic].decode, self._limits[topic]
         for record in records:
-            self.fold(table, record)
-        self._metrics.records.labels(table.topic).inc(len(records))
+            raw_key, raw = record.key, record.value
+            if raw_key is None:
+                self._reject(topic, record, "null key", "a compacted topic needs keys")
+                continue
+            try:
+                key = raw_key.decode()
+            except UnicodeDecodeError as exc:
+                self._reject(topic, record, "key not UTF-8", str(exc))
+                continue
+            if raw is None:
+                data.pop(key, None)
+                continue
+            if limit is not None and len(raw) > limit:
+                self._reject(topic, record, "oversized value", f"{len(raw)} bytes > max_value_bytes {limit}")
+                continue
+            try:
+                decode(raw)  # validation only: the table keeps the bytes
+            except DecodeError as exc:
+                self._reject(topic, record, "undecodable value", str(exc))
+                continue
+            data[key] = pack(raw, record.offset, record.partition, record.timestamp)
+        table.keys_changed()
+        self._metrics.records.labels(topic).inc(len(records))
 
     def fold(self, table: StateTable, record: Record) -> Change | None:
         """Apply one record to ``table``; return the change it makes, if any."""
@@ -76,8 +102,8 @@ class Ingest:
         except DecodeError as exc:
             self._reject(topic, record, "undecodable value", str(exc))
             return None
-        prev = table.put(key, Entry(raw, record.offset, record.partition, record.timestamp))
-        if prev is not None and prev.value == raw and not self._emit_identical:
+        prev = table.put(key, pack(raw, record.offset, record.partition, record.timestamp))
+        if prev is not None and same_value(prev, raw) and not self._emit_identical:
             return None
         return Change(topic, "put", key, value, prev, record.offset, record.partition, record.timestamp, codec)
 

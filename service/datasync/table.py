@@ -1,57 +1,102 @@
 """The per-topic state table: the last value of every key, as raw bytes.
 
-Values are kept encoded (and decoded when a plugin reads them) so that memory
-stays close to the size of the data: a decoded Avro record costs several times
-its wire size in Python objects.
+Values stay encoded (plugins decode them when they read them) and each key's
+state is *one* bytes object: the value followed by an 18-byte trailer holding
+offset, timestamp and partition. A tuple with three ints per key would cost
+about 130 bytes more; a decoded Avro record several times its wire size.
 """
 
 from __future__ import annotations
 
+import struct
+from bisect import bisect_left
 from typing import NamedTuple
+
+_TRAILER = struct.Struct("<qqH")  # offset, timestamp (ms), partition
+TRAILER_SIZE = _TRAILER.size
+
+Packed = bytes  # value + trailer
+
+
+def pack(value: bytes, offset: int, partition: int, timestamp: int) -> Packed:
+    return value + _TRAILER.pack(offset, timestamp, partition)
+
+
+def value_of(packed: Packed) -> bytes:
+    return packed[:-TRAILER_SIZE]
+
+
+def same_value(packed: Packed, value: bytes) -> bool:
+    """Whether ``packed`` holds exactly ``value`` (without copying it)."""
+    return len(packed) == len(value) + TRAILER_SIZE and packed.startswith(value)
 
 
 class Entry(NamedTuple):
-    """The current state of one key: its encoded value and where it came from."""
+    """The current state of one key, unpacked."""
 
     value: bytes
     offset: int
     partition: int
     timestamp: int
 
+    @classmethod
+    def unpack(cls, packed: Packed) -> Entry:
+        offset, timestamp, partition = _TRAILER.unpack_from(packed, len(packed) - TRAILER_SIZE)
+        return cls(packed[:-TRAILER_SIZE], offset, partition, timestamp)
+
 
 class StateTable:
-    """Last value per key of one topic. A tombstone removes the key."""
+    """Last value per key of one topic. A tombstone removes the key.
 
-    __slots__ = ("topic", "_data")
+    ``data`` is the raw mapping, for bulk loaders; whoever adds or removes keys
+    through it calls ``keys_changed()`` so the sorted key order is recomputed.
+    """
+
+    __slots__ = ("topic", "data", "_sorted")
 
     def __init__(self, topic: str) -> None:
         self.topic = topic
-        self._data: dict[str, Entry] = {}
+        self.data: dict[str, Packed] = {}
+        self._sorted: list[str] | None = None  # keys in order, computed on demand
 
     def __len__(self) -> int:
-        return len(self._data)
+        return len(self.data)
 
     def __contains__(self, key: object) -> bool:
-        return key in self._data
+        return key in self.data
 
     def get(self, key: str) -> Entry | None:
-        return self._data.get(key)
+        packed = self.data.get(key)
+        return None if packed is None else Entry.unpack(packed)
 
-    def put(self, key: str, entry: Entry) -> Entry | None:
-        """Store ``entry`` and return the entry it replaced."""
-        data = self._data
+    def put(self, key: str, packed: Packed) -> Packed | None:
+        """Store ``packed`` and return the state it replaced."""
+        data = self.data
         prev = data.get(key)
-        data[key] = entry
+        data[key] = packed
+        if prev is None:
+            self._sorted = None
         return prev
 
-    def delete(self, key: str) -> Entry | None:
-        """Remove ``key`` and return its last entry (None if it was unknown)."""
-        return self._data.pop(key, None)
+    def delete(self, key: str) -> Packed | None:
+        """Remove ``key`` and return its last state (None if it was unknown)."""
+        prev = self.data.pop(key, None)
+        if prev is not None:
+            self._sorted = None
+        return prev
 
-    def under(self, prefix: str) -> list[tuple[str, Entry]]:
-        """The (key, entry) pairs whose key starts with ``prefix``, sorted by key."""
-        return sorted(item for item in self._data.items() if item[0].startswith(prefix))
+    def keys_changed(self) -> None:
+        self._sorted = None
+
+    def under(self, prefix: str) -> list[tuple[str, Packed]]:
+        """The (key, state) pairs whose key starts with ``prefix``, sorted by key."""
+        if self._sorted is None:
+            self._sorted = sorted(self.data)
+        keys, data = self._sorted, self.data
+        lo = bisect_left(keys, prefix)
+        hi = len(keys) if not prefix else bisect_left(keys, prefix[:-1] + chr(ord(prefix[-1]) + 1), lo)
+        return [(key, data[key]) for key in keys[lo:hi]]
 
     def snapshot(self) -> dict[str, Entry]:
-        """A shallow copy, for tests and tools that compare states."""
-        return dict(self._data)
+        """An unpacked copy, for tests and tools that compare states."""
+        return {key: Entry.unpack(packed) for key, packed in self.data.items()}
