@@ -95,3 +95,20 @@ def test_bad_setting_names_the_variable(monkeypatch: pytest.MonkeyPatch, capsys:
     monkeypatch.setenv("DATASYNC_SYNC__RESYNC_MAX_ATTEMPTS", "zero")
     assert main(["check"]) == 2
     assert "DATASYNC_SYNC__RESYNC_MAX_ATTEMPTS" in capsys.readouterr().err
+
+
+def test_unreadable_file_is_named(dirs: tuple[Path, Path]) -> None:
+    topics, schemas = dirs
+    (topics / "a.yaml").mkdir()  # not a readable file
+    with pytest.raises(ConfigError, match=r"a\.yaml: cannot read"):
+        load_bindings(topics, schemas)
+
+
+def test_publishers_are_validated(dirs: tuple[Path, Path]) -> None:
+    topics, schemas = dirs
+    (topics / "a.yaml").write_text(GOOD + "publishers: [{name: out, topic: nope}]\n")
+    with pytest.raises(ConfigError, match=r"publishers\[0\]\.topic: unknown topic 'nope'"):
+        load_bindings(topics, schemas)
+    (topics / "a.yaml").write_text(GOOD.replace("    class:", "    status: missing\n    class:"))
+    with pytest.raises(ConfigError, match=r"plugins\[0\]\.status: unknown publisher 'missing'"):
+        load_bindings(topics, schemas)

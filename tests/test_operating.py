@@ -16,7 +16,7 @@ from typing import Any
 import aiohttp
 import pytest
 import yaml
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import BaseModel
 
@@ -208,9 +208,17 @@ def test_run_refuses_a_delete_policy_topic_for_a_compacted_binding(project: Path
 
 
 def test_sigterm_during_live_traffic_exits_0(project: Path, bootstrap: str, topic: str) -> None:
+    """SIGTERM while records flow: exit 0, and what plugins published before it is flushed to Kafka."""
+    echo = f"{topic}.echo"
+    (project / "topics" / "u.yaml").write_text(f"""
+topics: [{{name: {echo}, partitions: 1, value: "avro:t.Item"}}]
+publishers: [{{name: echo, topic: {echo}}}]
+plugins:
+  - {{name: echo, class: "echo:Echo", watch: [{{topic: {topic}}}]}}
+""")
     assert cli(project, bootstrap, "topics", "create").returncode == 0
     store = SchemaStore.load(project / "schemas")
-    value = AvroCodec(store, store.get("t.Item")).encode({"n": 1, "s": "x"})
+    values = [AvroCodec(store, store.get("t.Item")).encode({"n": n, "s": "x"}) for n in range(100)]
     env = {**os.environ, "DATASYNC_KAFKA__BOOTSTRAP_SERVERS": bootstrap, "PYTHONPATH": str(ROOT / "tests"),
            "DATASYNC_HTTP__PORT": "0"}  # fmt: skip
     service = subprocess.Popen([sys.executable, "-m", "datasync.cli", "run"], cwd=project, env=env,
@@ -230,11 +238,12 @@ def test_sigterm_during_live_traffic_exits_0(project: Path, bootstrap: str, topi
     writer = subprocess.Popen([sys.executable, "-c", f"""
 import asyncio
 from aiokafka import AIOKafkaProducer
+values = {values!r}
 async def main():
     p = AIOKafkaProducer(bootstrap_servers={bootstrap!r})
     await p.start()
     for i in range(1_000_000):
-        await p.send({topic!r}, key=b"k%d" % (i % 500), value={value!r} + bytes([i % 100]))
+        await p.send({topic!r}, key=b"k%d" % (i % 500), value=values[(i // 500) % 100])
         if i % 200 == 0:
             await asyncio.sleep(0.01)
     await p.stop()
@@ -248,6 +257,9 @@ asyncio.run(main())
         reader.join(5)
         assert rc == 0, "".join(lines)
         assert "stopped" in lines[-1]
+        sent = int(next(line for line in lines if "echo sent" in line).rsplit(" ", 1)[1])
+        assert sent > 0, "".join(lines)
+        assert asyncio.run(count_records(bootstrap, echo)) == sent  # nothing lost in the producer's buffer
     finally:
         writer.kill()
         writer.wait()
@@ -283,3 +295,13 @@ def test_compose_file_matches_the_settings() -> None:
         assert env_name in known, env_name
     prometheus = yaml.safe_load((ROOT / "deploy" / "prometheus.yml").read_text())
     assert prometheus["scrape_configs"][0]["static_configs"][0]["targets"] == ["datasync:8080"]
+
+
+async def count_records(bootstrap: str, topic: str) -> int:
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
+    await consumer.start()
+    try:
+        tp = TopicPartition(topic, 0)
+        return int((await consumer.end_offsets([tp]))[tp])
+    finally:
+        await consumer.stop()

@@ -275,11 +275,17 @@ class DataSync:
             await self._notify()
 
     async def _watch_broker(self) -> None:
-        """Probe the broker; on regained connectivity rebuild everything (state may have moved on)."""
+        """Probe the broker; on regained connectivity rebuild everything (state may have moved on).
+
+        Loss is declared after ``broker_probe_failures`` failed probes in a row, so one slow
+        answer on a busy machine does not cost a full resync.
+        """
+        failures = 0
         async with BrokerProbe(self.kafka, timeout_s=max(2.0, self.sync.broker_probe_s)) as probe:
             while True:
                 await asyncio.sleep(self.sync.broker_probe_s)
-                up = await probe.reachable()
+                failures = 0 if await probe.reachable() else failures + 1
+                up = failures < self.sync.broker_probe_failures
                 if up != self.broker_connected:
                     self.broker_connected = up
                     self.metrics.broker_up.set(1 if up else 0)
@@ -287,7 +293,7 @@ class DataSync:
                         log.warning("broker connection regained: full resync")
                         self.request_resync("broker connection regained")
                     else:
-                        log.error("broker connection lost")
+                        log.error("broker connection lost (%d probes failed)", failures)
                     await self._notify()
                 if self._reader is not None and up:
                     for tp, n in (await self._reader.lag()).items():

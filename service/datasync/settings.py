@@ -77,6 +77,7 @@ class SyncSettings(BaseModel):
     emit_identical_puts: bool = Field(default=False, description="deliver puts equal to the current value")
     create_topics: bool = Field(default=True, description="create declared topics that do not exist")
     broker_probe_s: float = Field(default=2.0, gt=0, description="how often broker reachability is checked")
+    broker_probe_failures: int = Field(default=3, ge=1, description="failed probes in a row that mean 'lost'")
     shutdown_timeout_s: float = Field(default=10.0, ge=0, description="time in-flight plugin calls get at shutdown")
 
 

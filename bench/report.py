@@ -1,0 +1,107 @@
+"""The targets of the issue, the printed table and the JSON file."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from phases import Round
+
+MIN_RESYNC_RATE = 100_000  # records/s
+MAX_RATIO = 1.1  # resync time / limit loop time
+MIN_LIVE_RATE = 50_000  # changes/s
+MAX_P99_MS = 50.0  # at 5,000 records/s
+MEMORY_FACTOR, MEMORY_PER_KEY = 2.0, 200.0  # bytes/key <= 2 x raw key+value bytes + 200
+
+
+@dataclass
+class Row:
+    metric: str
+    measured: str
+    target: str = "-"
+    ok: bool | None = None
+
+    @property
+    def result(self) -> str:
+        return "-" if self.ok is None else ("PASS" if self.ok else "MISS")
+
+
+def best(rounds: list[Round]) -> Round:
+    return min(rounds, key=lambda r: r.seconds)
+
+
+def summarize_rounds(rounds: list[Round]) -> dict[str, Any]:
+    fastest = best(rounds)
+    return {
+        "best_seconds": fastest.seconds,
+        "median_seconds": statistics.median(r.seconds for r in rounds),
+        "records": fastest.records,
+        "keys": fastest.keys,
+        "gc_seconds": fastest.gc_seconds,
+        "records_per_s": fastest.rate,
+        "rounds_seconds": [r.seconds for r in rounds],
+    }
+
+
+def rows(results: dict[str, Any]) -> list[Row]:
+    """One row per measurement, with its target and verdict where the issue sets one."""
+    out: list[Row] = []
+    limit, resync = results.get("limit"), results.get("resync")
+    if limit:
+        out.append(Row("limit loop (aiokafka + fastavro)", f"{limit['records_per_s']:,.0f} rec/s"))
+    if resync:
+        rate = resync["records_per_s"]
+        out.append(
+            Row(
+                "resync (2 no-op plugins)",
+                f"{rate:,.0f} rec/s",
+                f">= {MIN_RESYNC_RATE:,} rec/s",
+                rate >= MIN_RESYNC_RATE,
+            )
+        )
+    if limit and resync:
+        ratio = resync["best_seconds"] / limit["best_seconds"]
+        results["ratio_resync_limit"] = ratio
+        results["ratio_resync_limit_median"] = resync["median_seconds"] / limit["median_seconds"]
+        times = f"{ratio:.2f}x ({resync['best_seconds']:.2f}s / {limit['best_seconds']:.2f}s)"
+        out.append(Row("resync time / limit time", times, f"<= {MAX_RATIO:.2f}x", ratio <= MAX_RATIO))
+    live = results.get("live")
+    if live:
+        rate = live["dispatched_per_s"]
+        ok = rate >= MIN_LIVE_RATE
+        out.append(Row("live dispatch, full-speed writer", f"{rate:,.0f} changes/s", f">= {MIN_LIVE_RATE:,}/s", ok))
+        drain = live["drain_per_s"]
+        out.append(Row("  writer's rate", f"{live['produced_per_s']:,.0f} rec/s"))
+        out.append(Row("  backlog drained after it", "kept up" if drain is None else f"{drain:,.0f} changes/s"))
+        lat = f"p50 {live['p50_ms']:.1f} ms, p99 {live['p99_ms']:.1f} ms"
+        where = f"latency at {live['latency_rate']:,} rec/s"
+        out.append(Row(where, lat, f"p99 <= {MAX_P99_MS:.0f} ms", live["p99_ms"] <= MAX_P99_MS))
+    memory = results.get("memory")
+    if memory:
+        target = MEMORY_FACTOR * memory["raw_bytes_per_key"] + MEMORY_PER_KEY
+        memory["target_bytes_per_key"] = target
+        measured = f"{memory['bytes_per_key']:,.0f} B (raw {memory['raw_bytes_per_key']:.0f} B)"
+        out.append(
+            Row("memory per key after resync", measured, f"<= {target:,.0f} B", memory["bytes_per_key"] <= target)
+        )
+    return out
+
+
+def table(rows_: list[Row]) -> str:
+    header = Row("metric", "measured", "target")
+    widths = [max(len(getattr(r, f)) for r in [header, *rows_]) for f in ("metric", "measured", "target")]
+    lines = []
+    for r in [header, *rows_]:
+        cells = [r.metric.ljust(widths[0]), r.measured.ljust(widths[1]), r.target.ljust(widths[2])]
+        lines.append("  ".join([*cells, "result" if r is header else r.result]).rstrip())
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def write_json(path: Path, results: dict[str, Any], rows_: list[Row]) -> None:
+    results["verdicts"] = {r.metric.strip(): r.result for r in rows_ if r.ok is not None}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2) + "\n")
