@@ -112,3 +112,10 @@ def test_publishers_are_validated(dirs: tuple[Path, Path]) -> None:
     (topics / "a.yaml").write_text(GOOD.replace("    class:", "    status: missing\n    class:"))
     with pytest.raises(ConfigError, match=r"plugins\[0\]\.status: unknown publisher 'missing'"):
         load_bindings(topics, schemas)
+
+
+def test_a_prefix_watched_twice_is_named(dirs: tuple[Path, Path]) -> None:
+    topics, schemas = dirs
+    (topics / "a.yaml").write_text(GOOD.replace('prefixes: ["config/interfaces/"]', 'prefixes: ["x/", "x/"]'))
+    with pytest.raises(ConfigError, match=r"plugins\[0\]\.watch\[0\]\.prefixes: 'x/' is watched twice"):
+        load_bindings(topics, schemas)

@@ -128,3 +128,8 @@ def test_broken_schema_file_is_named(tmp_path: Path) -> None:
     (tmp_path / "Bad.avsc").write_text("{not json")
     with pytest.raises(ConfigError, match="cannot read schema"):
         SchemaStore.load(tmp_path)
+
+
+def test_pathological_json_is_a_decode_error() -> None:
+    with pytest.raises(DecodeError):
+        JsonCodec().decode(b"[" * 100_000)  # RecursionError inside the parser

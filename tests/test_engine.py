@@ -360,3 +360,43 @@ async def test_registration_close_and_late_watch(make_engine, producer: AIOKafka
     async with asyncio.timeout(10):
         await engine.wait_for(lambda: len(second.changes) == 1)
     assert first.changes == [] and list(engine.status()) == ["second"]
+
+
+async def test_one_prefix_on_two_topics(make_engine, producer: AIOKafkaProducer, topic: str):
+    engine = make_engine(topic, partitions=1)
+    other = f"{topic}-b"
+    engine.add_topic(TopicSpec(name=other, partitions=1, value="string"), StringCodec())
+    await create(engine)
+    await put_all(producer, topic, [("a", "1")])
+    await put_all(producer, other, [("b", "2")])
+    plugin = Recorder("p")
+    engine.watch("p", plugin, {topic: [""], other: [""]})
+    await engine.start()
+    async with asyncio.timeout(20):
+        await engine.wait_ready()
+    assert plugin.view == {"a": "1", "b": "2"}  # both topics' keys under the one prefix
+
+
+async def test_a_plugin_raising_cancelled_error_does_not_stop_the_engine(
+    make_engine, producer: AIOKafkaProducer, topic: str
+):
+    engine = make_engine(topic, partitions=1)
+
+    class Rude(Recorder):
+        raised = False
+
+        async def change(self, event):  # type: ignore[no-untyped-def]
+            if not self.raised:
+                self.raised = True
+                raise asyncio.CancelledError()  # e.g. awaiting a future someone else cancelled
+            await super().change(event)
+
+    plugin = Rude("rude")
+    engine.watch("rude", plugin, {topic: [""]})
+    await engine.start()
+    async with asyncio.timeout(20):
+        await engine.wait_ready()
+    await put_all(producer, topic, [("k", "v")])
+    async with asyncio.timeout(10):
+        await engine.wait_for(lambda: plugin.view == {"k": "v"})  # retried after the failure
+    assert engine.running and engine.metrics.plugin_failures.labels("rude", "change")._value.get() == 1

@@ -16,6 +16,8 @@ from datasync.settings import KafkaSettings
 log = logging.getLogger(__name__)
 
 UNKNOWN_TOPIC = 3  # Kafka error code UNKNOWN_TOPIC_OR_PARTITION
+# The one mismatch the service refuses to run with: old values would never be compacted away.
+COMPACTED_ON_DELETE = " (a state topic must be compacted)"
 
 
 def topic_configs(spec: TopicSpec) -> dict[str, str]:
@@ -101,10 +103,12 @@ async def check_topics(kafka: KafkaSettings, specs: list[TopicSpec]) -> list[str
     for s in present:
         if partitions[s.name] != s.partitions:
             problems.append(f"topic {s.name}: has {partitions[s.name]} partitions, declared {s.partitions}")
-        policy = policies.get(s.name, "")
-        if s.compacted and "compact" not in policy:
-            problems.append(f"topic {s.name}: declared compacted but cleanup.policy={policy}")
-        if not s.compacted and "compact" in policy:
+        policy = policies.get(s.name)
+        if policy is None:
+            problems.append(f"topic {s.name}: cleanup.policy could not be read (not authorised?)")
+        elif s.compacted and "compact" not in policy:
+            problems.append(f"topic {s.name}: declared compacted but cleanup.policy={policy}{COMPACTED_ON_DELETE}")
+        elif not s.compacted and "compact" in policy:
             problems.append(f"topic {s.name}: declared not compacted but cleanup.policy={policy}")
     return problems
 

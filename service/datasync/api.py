@@ -8,7 +8,7 @@ concept's ``Done(nil)``; raising is ``Done(err)``.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, overload
 
@@ -20,7 +20,7 @@ from datasync.table import Entry, Packed, value_of
 Op = Literal["put", "delete"]
 
 # (start positions, end positions) -> batches of the changes in between; see datasync.replay
-Replay = Callable[[Mapping[tuple[str, int], int], Mapping[tuple[str, int], int]], AsyncIterator[list["Change"]]]
+Replay = Callable[[Mapping[tuple[str, int], int], Mapping[tuple[str, int], int]], AsyncGenerator[list["Change"], None]]
 
 _UNSET: Any = object()
 
@@ -65,22 +65,24 @@ class KeyValue:
         return f"KeyValue({self.topic!r}, {self.key!r}, revision={self.revision})"
 
 
-class KeyValues(Sequence[KeyValue]):
-    """The key/values under one prefix, sorted by key, built lazily.
+Segment = tuple[str, Codec, list[tuple[str, Packed]]]  # topic, its codec, (key, state) pairs sorted by key
 
-    Holding ``(key, entry)`` pairs instead of ready KeyValue objects keeps a
+
+class KeyValues(Sequence[KeyValue]):
+    """The key/values under one prefix (of each watched topic, in turn), built lazily.
+
+    Holding ``(key, state)`` pairs instead of ready KeyValue objects keeps a
     resync of a million keys from allocating a million objects up front.
     """
 
-    __slots__ = ("_topic", "_pairs", "_codec")
+    __slots__ = ("_segments", "_len")
 
-    def __init__(self, topic: str, pairs: list[tuple[str, Packed]], codec: Codec) -> None:
-        self._topic = topic
-        self._pairs = pairs
-        self._codec = codec
+    def __init__(self, segments: list[Segment]) -> None:
+        self._segments = segments
+        self._len = sum(len(pairs) for _, _, pairs in segments)
 
     def __len__(self) -> int:
-        return len(self._pairs)
+        return self._len
 
     @overload
     def __getitem__(self, index: int) -> KeyValue: ...
@@ -88,14 +90,22 @@ class KeyValues(Sequence[KeyValue]):
     def __getitem__(self, index: slice) -> Sequence[KeyValue]: ...
     def __getitem__(self, index: int | slice) -> KeyValue | Sequence[KeyValue]:
         if isinstance(index, slice):
-            return KeyValues(self._topic, self._pairs[index], self._codec)
-        key, packed = self._pairs[index]
-        return KeyValue(self._topic, key, packed, self._codec)
+            return list(self)[index]
+        if index < 0:
+            index += self._len
+        if not 0 <= index < self._len:
+            raise IndexError(index)
+        for topic, codec, pairs in self._segments:
+            if index < len(pairs):
+                key, packed = pairs[index]
+                return KeyValue(topic, key, packed, codec)
+            index -= len(pairs)
+        raise IndexError(index)
 
     def __iter__(self) -> Iterator[KeyValue]:
-        topic, codec = self._topic, self._codec
-        for key, packed in self._pairs:
-            yield KeyValue(topic, key, packed, codec)
+        for topic, codec, pairs in self._segments:
+            for key, packed in pairs:
+                yield KeyValue(topic, key, packed, codec)
 
 
 class Change:
@@ -195,7 +205,14 @@ class PluginError(Exception):
 
 
 class Plugin:
-    """Base class of plugins. Override ``resync`` and ``change``; the hooks are optional."""
+    """Base class of plugins. Override ``resync`` and ``change``; the hooks are optional.
+
+    A CHANGE event that keeps failing is skipped after its retries. Plugins that
+    must never skip one (the changefeed) set ``resync_after_failed_change`` and
+    get a full RESYNC instead.
+    """
+
+    resync_after_failed_change = False
 
     async def start(self, ctx: PluginContext) -> None:
         """Called once before the first resync."""

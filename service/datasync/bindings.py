@@ -143,6 +143,7 @@ def load_bindings(topics_dir: Path, schemas_dir: Path) -> Bindings:
                     source, f"{where}.name", f"plugin {plugin.name!r} is already declared in {names[plugin.name]}"
                 )
             names[plugin.name] = source
+            seen: set[tuple[str, str]] = set()
             for j, watch in enumerate(plugin.watch):
                 if watch.topic not in topics:
                     raise ConfigError(
@@ -150,6 +151,10 @@ def load_bindings(topics_dir: Path, schemas_dir: Path) -> Bindings:
                         f"{where}.watch[{j}].topic",
                         f"unknown topic {watch.topic!r} (declared: {', '.join(topics) or 'none'})",
                     )
+                for prefix in watch.prefixes:
+                    if (watch.topic, prefix) in seen:
+                        raise ConfigError(source, f"{where}.watch[{j}].prefixes", f"{prefix!r} is watched twice")
+                    seen.add((watch.topic, prefix))
             if plugin.status is not None and plugin.status not in publishers:
                 raise ConfigError(source, f"{where}.status", f"unknown publisher {plugin.status!r}")
             try:

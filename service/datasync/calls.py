@@ -62,6 +62,7 @@ class PluginCalls:
         took = time.monotonic() - started
         if reg.apply_status is not None:
             await reg.apply_status.resynced(event, None)
+        reg.diverged = False
         status.state = PluginState.READY
         status.resync_attempts = 0
         status.last_resync_at = time.time()
@@ -107,6 +108,12 @@ class PluginCalls:
         except TimeoutError:
             self._metrics.plugin_failures.labels(reg.name, kind).inc()
             raise TimeoutError(f"{kind} took longer than {limit}s") from None
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # the engine is being stopped
+            self._metrics.plugin_failures.labels(reg.name, kind).inc()
+            raise RuntimeError(f"{kind} raised CancelledError") from None
         except Exception:
             self._metrics.plugin_failures.labels(reg.name, kind).inc()
             raise

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
+from contextlib import aclosing
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -37,6 +38,8 @@ Partition = tuple[str, int]
 
 
 class Changefeed(Plugin):
+    resync_after_failed_change = True  # a skipped change would be a gap: catch up through a resync instead
+
     async def start(self, ctx: PluginContext) -> None:
         settings = ctx.settings
         self.log = ctx.logger
@@ -62,12 +65,19 @@ class Changefeed(Plugin):
     async def resync(self, event: ResyncEvent) -> None:
         """Catch up from the checkpoints to the snapshot, then carry on from the snapshot."""
         self.emitted = await self._read_checkpoints()
+        for p, n in event.positions.items():
+            if self.emitted.get(p, 0) > n:  # the source topic was recreated: its offsets started again
+                self.log.warning(
+                    "checkpoint of %s/%d is past its end (%d > %d): starting afresh", *p, self.emitted[p], n
+                )
+                del self.emitted[p]
         todo = {p: n for p, n in event.positions.items() if self.emitted.get(p, n) < n}
         if todo:
             start = {p: self.emitted.get(p, n) for p, n in event.positions.items()}
-            async for changes in self.replay(start, event.positions):
-                watched = [c for c in changes if c.key.startswith(self.watches.get(c.topic, ()))]
-                await self._emit([self._envelope(c) for c in watched], watched, {})
+            async with aclosing(self.replay(start, event.positions)) as batches:
+                async for changes in batches:
+                    watched = [c for c in changes if c.key.startswith(self.watches.get(c.topic, ()))]
+                    await self._emit([self._envelope(c) for c in watched], watched, {})
             self.log.info("caught up %d partition(s) from their checkpoints", len(todo))
         fresh = {p for p in event.positions if p not in self.emitted}
         if fresh and self.snapshot:
@@ -110,7 +120,7 @@ class Changefeed(Plugin):
         done = dict(positions)
         for c in changes:
             done[(c.topic, c.partition)] = max(done.get((c.topic, c.partition), 0), c.revision + 1)
-        done = {p: n for p, n in done.items() if n > self.emitted.get(p, -1)}
+        done = {p: n for p, n in done.items() if p not in self.emitted or n > self.emitted[p]}
         if not records and not done:
             return
         async with self.producer.transaction():

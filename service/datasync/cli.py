@@ -24,7 +24,7 @@ from typing import Any
 from aiokafka import AIOKafkaProducer
 from pydantic import ValidationError
 
-from datasync.admin import check_topics, missing_topics, prepare_topics
+from datasync.admin import COMPACTED_ON_DELETE, check_topics, missing_topics, prepare_topics
 from datasync.api import KeyValues
 from datasync.bindings import Bindings, Topic, load_bindings
 from datasync.engine import DataSync
@@ -129,7 +129,7 @@ def _topic(bindings: Bindings, name: str) -> Topic:
 
 async def _run(settings: Settings, bindings: Bindings, args: argparse.Namespace) -> int:
     problems = await check_topics(settings.kafka, [t.spec for t in bindings.topics.values()])
-    fatal = [p for p in problems if "cleanup.policy" in p]
+    fatal = [p for p in problems if p.endswith(COMPACTED_ON_DELETE)]
     for problem in problems:
         log.log(logging.ERROR if problem in fatal else logging.WARNING, "%s", problem)
     if fatal:
@@ -140,8 +140,8 @@ async def _run(settings: Settings, bindings: Bindings, args: argparse.Namespace)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    await engine.start()
     try:
+        await engine.start()
         if http is not None:
             await http.start()
             log.info("HTTP on %s:%d (/metrics /healthz /readyz /v1/status)", settings.http.host, http.port)
@@ -187,7 +187,7 @@ async def _dump(settings: Settings, bindings: Bindings, args: argparse.Namespace
             await asyncio.sleep(0.2)
         if progress:
             print("\r" + " " * 60 + "\r", end="", file=sys.stderr, flush=True)
-        items = KeyValues(topic.spec.name, engine.table(topic.spec.name).under(args.prefix), topic.codec)
+        items = KeyValues([(topic.spec.name, topic.codec, engine.table(topic.spec.name).under(args.prefix))])
         for kv in items:
             line = {"key": kv.key, "value": kv.value, "revision": kv.revision, "partition": kv.partition,
                     "timestamp": kv.timestamp}  # fmt: skip

@@ -69,8 +69,8 @@ class JsonCodec:
     def decode(self, raw: bytes) -> Any:
         try:
             value = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise DecodeError(f"invalid JSON: {exc}") from exc
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, nesting too deep
+            raise DecodeError(f"invalid JSON: {exc!r}") from exc
         self._check(value, DecodeError)
         return value
 

@@ -11,6 +11,7 @@ import asyncio
 import logging
 
 from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
 
 from datasync.ingest import Rejected
 from datasync.metrics import Metrics
@@ -52,12 +53,21 @@ class DeadLetters:
                 ("datasync.offset", str(record.offset).encode()),
                 ("datasync.key", record.key or b""),
             ]
-            future = await self._producer.send(target, record.value, key=origin.encode(), headers=headers)
+            try:
+                future = await self._producer.send(target, record.value, key=origin.encode(), headers=headers)
+            except KafkaError as exc:  # buffer full for too long, record too large...
+                self._failed(item.topic, origin, exc)
+                continue
             future.add_done_callback(lambda f, t=item.topic, o=origin: self._delivered(f, t, o))
 
     def _delivered(self, future: asyncio.Future[object], topic: str, origin: str) -> None:
-        if future.cancelled() or future.exception() is not None:
-            self._metrics.dead_letter_failures.labels(topic).inc()
-            log.error("could not copy %s to the dead-letter topic: %r", origin, future.exception())
+        if future.cancelled():
+            self._failed(topic, origin, "cancelled")
+        elif future.exception() is not None:
+            self._failed(topic, origin, future.exception())
         else:
             self._metrics.dead_letters.labels(topic).inc()
+
+    def _failed(self, topic: str, origin: str, why: object) -> None:
+        self._metrics.dead_letter_failures.labels(topic).inc()
+        log.error("could not copy %s to the dead-letter topic: %r", origin, why)

@@ -25,7 +25,7 @@ from typing import Any
 from aiokafka.errors import KafkaError, OffsetOutOfRangeError
 
 from datasync.admin import prepare_topics
-from datasync.api import Change, ChangeEvent, KeyValues, Plugin, PluginContext, ResyncEvent
+from datasync.api import Change, ChangeEvent, KeyValues, Plugin, PluginContext, ResyncEvent, Segment
 from datasync.applystatus import ApplyStatus
 from datasync.bindings import Bindings, TopicSpec
 from datasync.calls import PluginCalls
@@ -180,8 +180,12 @@ class DataSync:
         """Per topic: keys in the table, records left while rebuilding, lag per partition."""
         lag: dict[str, dict[int, int]] = {name: {} for name in self._topics}
         if self._reader is not None and self.broker_connected:
-            for tp, n in (await self._reader.lag()).items():
-                lag[tp.topic][tp.partition] = n
+            try:
+                async with asyncio.timeout(1):
+                    for tp, n in (await self._reader.lag()).items():
+                        lag[tp.topic][tp.partition] = n
+            except Exception as exc:  # positions unknown right now: report no lag rather than hang
+                log.debug("lag not measured: %r", exc)
         return {
             name: {"keys": len(self._tables[name]), "resync_remaining": self._remaining.get(name, 0), "lag": lag[name]}
             for name in self._topics
@@ -210,10 +214,14 @@ class DataSync:
         self.metrics.broker_up.set(1)
         self._ingest = Ingest(self._topics, self._codecs, self.metrics, self.sync.emit_identical_puts)
         self._dead_letters = DeadLetters(self.kafka, dead, self.metrics)
-        await self._dead_letters.start()
-        await self.publishing.start()
         self._reader = TableReader(self.kafka, self.sync.fetch_max_records)
-        await self._reader.start({t: n for t, n in partitions.items() if t in self._topics})
+        try:
+            await self._dead_letters.start()
+            await self.publishing.start()
+            await self._reader.start({t: n for t, n in partitions.items() if t in self._topics})
+        except BaseException:
+            await self.stop()  # close what did start
+            raise
         self._task = asyncio.create_task(self._run(), name="datasync-engine")
         self._watchdog = asyncio.create_task(self._watch_broker(), name="datasync-broker-watch")
 
@@ -232,6 +240,8 @@ class DataSync:
                     await task
                 except asyncio.CancelledError:
                     pass
+                except Exception:  # it died earlier; stopping goes on regardless
+                    log.exception("engine task %s had failed", task.get_name())
         self._task = self._watchdog = None
         for reg in reversed(self._registrations):
             if reg.started:
@@ -296,7 +306,13 @@ class DataSync:
                         log.error("broker connection lost (%d probes failed)", failures)
                     await self._notify()
                 if self._reader is not None and up:
-                    for tp, n in (await self._reader.lag()).items():
+                    try:
+                        async with asyncio.timeout(self.sync.broker_probe_s):
+                            lag = await self._reader.lag()
+                    except Exception as exc:  # positions unknown right now (rebuild, reassignment)
+                        log.debug("lag not measured: %r", exc)
+                        continue
+                    for tp, n in lag.items():
                         self.metrics.lag.labels(tp.topic, str(tp.partition)).set(n)
 
     def _fetch_timeout_ms(self) -> int:
@@ -318,7 +334,15 @@ class DataSync:
     async def _rebuild(self, reader: TableReader) -> None:
         """Read every topic from the beginning into fresh tables; then mark the plugins for resync."""
         assert self._ingest is not None and self._dead_letters is not None
-        reason = self._resync_reason or "start"
+        reason, self._resync_reason = self._resync_reason or "start", None  # a new request may come meanwhile
+        try:
+            await self._read_tables(reader, reason)
+        except BaseException:
+            self._resync_reason = self._resync_reason or reason  # not done: do it again
+            raise
+
+    async def _read_tables(self, reader: TableReader, reason: str) -> None:
+        assert self._ingest is not None and self._dead_letters is not None
         started = time.monotonic()
         log.info("full resync (%s): reading %d topic(s) to their end", reason, len(self._topics))
         if self.generation:  # topics may have been recreated, with other partitions
@@ -344,13 +368,12 @@ class DataSync:
                 self._ingest.fold_all(tables[tp.topic], records)
             await self._dead_letters.send(self._ingest.take_rejected())
         previous, self._tables = self._tables, tables
-        self._resync_reason = None
         self.generation += 1
         log.info("tables rebuilt in %.2fs", time.monotonic() - started)
         now = time.monotonic()
         for reg in self._registrations:
-            in_sync = reg.status.state is PluginState.READY and reg.resync_mode == "delta"
-            reg.delta_base = previous if in_sync else None
+            in_sync = reg.status.state is PluginState.READY and not reg.diverged
+            reg.delta_base = previous if in_sync and reg.resync_mode == "delta" else None
             reg.status.state = PluginState.RESYNCING
             reg.status.resync_attempts = 0
             reg.due = now
@@ -387,11 +410,12 @@ class DataSync:
                 reg.status.state = PluginState.READY
                 return
             # the delta failed: fall back to a full resync, right away
-        values: dict[str, KeyValues] = {}
+        segments: dict[str, list[Segment]] = {}
         for topic, prefixes in reg.watches.items():
             table, codec = self._tables[topic], self._codecs[topic]
             for prefix in prefixes:
-                values[prefix] = KeyValues(topic, table.under(prefix), codec)
+                segments.setdefault(prefix, []).append((topic, codec, table.under(prefix)))
+        values = {prefix: KeyValues(parts) for prefix, parts in segments.items()}
         assert self._reader is not None
         positions = {(tp.topic, tp.partition): n for tp, n in (await self._reader.positions()).items()}
         watched = {key: n for key, n in positions.items() if key[0] in reg.watches}
@@ -443,4 +467,9 @@ class DataSync:
         await self._dead_letters.send(ingest.take_rejected())
         for reg in ready:
             if outbox[reg] and reg in self._registrations:
-                await self._calls.change(reg, ChangeEvent(outbox[reg]))
+                if not await self._calls.change(reg, ChangeEvent(outbox[reg])):
+                    reg.diverged = True
+                    if getattr(reg.plugin, "resync_after_failed_change", False):
+                        log.warning("plugin %s: a change was skipped: full resync", reg.name)
+                        reg.status.state = PluginState.RESYNCING
+                        reg.due = time.monotonic()

@@ -17,7 +17,6 @@ from aiokafka import ConsumerRecord
 from datasync.api import Change
 from datasync.bindings import TopicSpec
 from datasync.codecs import Codec
-from datasync.errors import DecodeError
 from datasync.metrics import Metrics
 from datasync.table import StateTable, pack, same_value
 
@@ -69,7 +68,7 @@ class Ingest:
                 continue
             try:
                 decode(raw)  # validation only: the table keeps the bytes
-            except DecodeError as exc:
+            except Exception as exc:  # DecodeError, or whatever a custom codec raises
                 self._reject(topic, record, "undecodable value", str(exc))
                 continue
             data[key] = pack(raw, record.offset, record.partition, record.timestamp)
@@ -99,7 +98,7 @@ class Ingest:
             return None
         try:
             value = codec.decode(raw)
-        except DecodeError as exc:
+        except Exception as exc:  # DecodeError, or whatever a custom codec raises
             self._reject(topic, record, "undecodable value", str(exc))
             return None
         prev = table.put(key, pack(raw, record.offset, record.partition, record.timestamp))

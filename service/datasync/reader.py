@@ -35,6 +35,7 @@ class TableReader:
             group_id=None,
             enable_auto_commit=False,
             auto_offset_reset="none",  # an out-of-range position must trigger a resync, not a silent skip
+            isolation_level="read_committed",  # records of aborted transactions never reach a table
             max_partition_fetch_bytes=4 * 1024 * 1024,
             fetch_max_bytes=64 * 1024 * 1024,
         )

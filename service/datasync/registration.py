@@ -37,6 +37,8 @@ class Registration:
         self.started = False
         # In delta mode, the tables the plugin was in sync with before a rebuild.
         self.delta_base: dict[str, StateTable] | None = None
+        # A change was skipped since the last resync: the plugin's view is not the table's.
+        self.diverged = False
         self._on_close = on_close
 
     def matches(self, topic: str, key: str) -> bool:

@@ -8,7 +8,7 @@ as changes with correct previous values.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 
 from datasync.api import Change
 from datasync.bindings import TopicSpec
@@ -31,7 +31,7 @@ class Replayer:
         self._topics = topics
         self._codecs = codecs
 
-    async def changes(self, start: Positions, end: Positions) -> AsyncIterator[list[Change]]:
+    async def changes(self, start: Positions, end: Positions) -> AsyncGenerator[list[Change], None]:
         """Batches of the changes made by records at ``start <= offset < end``, per partition in order."""
         names = sorted({topic for topic, _ in end})
         partitions: dict[str, int] = {}
