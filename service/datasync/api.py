@@ -65,21 +65,23 @@ class KeyValue:
         return f"KeyValue({self.topic!r}, {self.key!r}, revision={self.revision})"
 
 
-Segment = tuple[str, Codec, list[tuple[str, Packed]]]  # topic, its codec, (key, state) pairs sorted by key
+# A topic, its codec, keys in order and the table's mapping to look their states up in.
+Segment = tuple[str, Codec, list[str], Mapping[str, Packed]]
 
 
 class KeyValues(Sequence[KeyValue]):
     """The key/values under one prefix (of each watched topic, in turn), built lazily.
 
-    Holding ``(key, state)`` pairs instead of ready KeyValue objects keeps a
-    resync of a million keys from allocating a million objects up front.
+    It holds the sorted keys and looks each state up as it goes, so a resync
+    of a million keys allocates no per-key objects up front. It reads the live
+    table: use it during the ``resync`` call, which the table does not change.
     """
 
     __slots__ = ("_segments", "_len")
 
     def __init__(self, segments: list[Segment]) -> None:
         self._segments = segments
-        self._len = sum(len(pairs) for _, _, pairs in segments)
+        self._len = sum(len(keys) for _, _, keys, _ in segments)
 
     def __len__(self) -> int:
         return self._len
@@ -95,17 +97,16 @@ class KeyValues(Sequence[KeyValue]):
             index += self._len
         if not 0 <= index < self._len:
             raise IndexError(index)
-        for topic, codec, pairs in self._segments:
-            if index < len(pairs):
-                key, packed = pairs[index]
-                return KeyValue(topic, key, packed, codec)
-            index -= len(pairs)
+        for topic, codec, keys, data in self._segments:
+            if index < len(keys):
+                return KeyValue(topic, keys[index], data[keys[index]], codec)
+            index -= len(keys)
         raise IndexError(index)
 
     def __iter__(self) -> Iterator[KeyValue]:
-        for topic, codec, pairs in self._segments:
-            for key, packed in pairs:
-                yield KeyValue(topic, key, packed, codec)
+        for topic, codec, keys, data in self._segments:
+            for key in keys:
+                yield KeyValue(topic, key, data[key], codec)
 
 
 class Change:

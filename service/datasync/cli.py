@@ -187,7 +187,8 @@ async def _dump(settings: Settings, bindings: Bindings, args: argparse.Namespace
             await asyncio.sleep(0.2)
         if progress:
             print("\r" + " " * 60 + "\r", end="", file=sys.stderr, flush=True)
-        items = KeyValues([(topic.spec.name, topic.codec, engine.table(topic.spec.name).under(args.prefix))])
+        table = engine.table(topic.spec.name)
+        items = KeyValues([(topic.spec.name, topic.codec, table.keys_under(args.prefix), table.data)])
         for kv in items:
             line = {"key": kv.key, "value": kv.value, "revision": kv.revision, "partition": kv.partition,
                     "timestamp": kv.timestamp}  # fmt: skip

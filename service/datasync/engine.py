@@ -348,6 +348,10 @@ class DataSync:
         if self.generation:  # topics may have been recreated, with other partitions
             reader.assign(await prepare_topics(self.kafka, list(self._topics.values()), create=False))
         tables = {name: StateTable(name) for name in self._topics}
+        # Keep the old tables only for delta-mode plugins that were in sync with them; otherwise
+        # free them first, so that the new ones reuse their memory instead of doubling the peak.
+        previous = self._tables if any(self._wants_delta(r) for r in self._registrations) else None
+        self._tables = tables
         ends = await reader.rewind()
         pending = set(self._topics)
         while True:
@@ -367,16 +371,19 @@ class DataSync:
             for tp, records in batch.items():
                 self._ingest.fold_all(tables[tp.topic], records)
             await self._dead_letters.send(self._ingest.take_rejected())
-        previous, self._tables = self._tables, tables
         self.generation += 1
         log.info("tables rebuilt in %.2fs", time.monotonic() - started)
         now = time.monotonic()
         for reg in self._registrations:
-            in_sync = reg.status.state is PluginState.READY and not reg.diverged
-            reg.delta_base = previous if in_sync and reg.resync_mode == "delta" else None
+            reg.delta_base = previous if previous is not None and self._wants_delta(reg) else None
             reg.status.state = PluginState.RESYNCING
             reg.status.resync_attempts = 0
             reg.due = now
+
+    @staticmethod
+    def _wants_delta(reg: Registration) -> bool:
+        """A delta-mode plugin that was in sync with the current tables."""
+        return reg.resync_mode == "delta" and reg.status.state is PluginState.READY and not reg.diverged
 
     def _table_rebuilt(self, table: StateTable, took: float) -> None:
         self.metrics.resyncs.labels(table.topic).inc()
@@ -414,7 +421,7 @@ class DataSync:
         for topic, prefixes in reg.watches.items():
             table, codec = self._tables[topic], self._codecs[topic]
             for prefix in prefixes:
-                segments.setdefault(prefix, []).append((topic, codec, table.under(prefix)))
+                segments.setdefault(prefix, []).append((topic, codec, table.keys_under(prefix), table.data))
         values = {prefix: KeyValues(parts) for prefix, parts in segments.items()}
         assert self._reader is not None
         positions = {(tp.topic, tp.partition): n for tp, n in (await self._reader.positions()).items()}

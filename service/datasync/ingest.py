@@ -1,5 +1,8 @@
 """Folding records into state tables: validate, decode, update, and say what changed.
 
+Keys are interned: after a rebuild the table and the plugins (which keep keys
+in their own state) share one string per key instead of holding two.
+
 A record that cannot be applied (no key, a key that is not UTF-8, an oversized
 or undecodable value) never reaches the table, so the key keeps its last good
 value. It is counted, logged with topic/partition/offset, and kept in
@@ -10,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from sys import intern
 from typing import TypeAlias
 
 from aiokafka import ConsumerRecord
@@ -56,7 +60,7 @@ class Ingest:
                 self._reject(topic, record, "null key", "a compacted topic needs keys")
                 continue
             try:
-                key = raw_key.decode()
+                key = intern(raw_key.decode())
             except UnicodeDecodeError as exc:
                 self._reject(topic, record, "key not UTF-8", str(exc))
                 continue
@@ -82,7 +86,7 @@ class Ingest:
             self._reject(topic, record, "null key", "a compacted topic needs keys")
             return None
         try:
-            key = raw_key.decode()
+            key = intern(raw_key.decode())
         except UnicodeDecodeError as exc:
             self._reject(topic, record, "key not UTF-8", str(exc))
             return None

@@ -7,7 +7,6 @@ import logging
 from types import TracebackType
 
 from aiokafka.admin import AIOKafkaAdminClient
-from aiokafka.errors import KafkaError
 
 from datasync.settings import KafkaSettings
 
@@ -37,7 +36,7 @@ class BrokerProbe:
                     self._admin = admin
                 await self._admin.describe_cluster()
             return True
-        except (KafkaError, OSError, TimeoutError) as exc:
+        except Exception as exc:  # Kafka errors, refused connections, time-outs: all mean "not now"
             log.debug("broker probe failed: %r", exc)
             await self._close()  # start afresh next time: cached connections may be dead
             return False

@@ -88,14 +88,19 @@ class StateTable:
     def keys_changed(self) -> None:
         self._sorted = None
 
-    def under(self, prefix: str) -> list[tuple[str, Packed]]:
-        """The (key, state) pairs whose key starts with ``prefix``, sorted by key."""
+    def keys_under(self, prefix: str) -> list[str]:
+        """The keys that start with ``prefix``, sorted (a slice of the cached key order)."""
         if self._sorted is None:
             self._sorted = sorted(self.data)
-        keys, data = self._sorted, self.data
+        keys = self._sorted
         lo = bisect_left(keys, prefix)
         hi = len(keys) if not prefix else bisect_left(keys, prefix[:-1] + chr(ord(prefix[-1]) + 1), lo)
-        return [(key, data[key]) for key in keys[lo:hi]]
+        return keys[lo:hi]
+
+    def under(self, prefix: str) -> list[tuple[str, Packed]]:
+        """The (key, state) pairs whose key starts with ``prefix``, sorted by key."""
+        data = self.data
+        return [(key, data[key]) for key in self.keys_under(prefix)]
 
     def snapshot(self) -> dict[str, Entry]:
         """An unpacked copy, for tests and tools that compare states."""
