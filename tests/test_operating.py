@@ -305,3 +305,18 @@ async def count_records(bootstrap: str, topic: str) -> int:
         return int((await consumer.end_offsets([tp]))[tp])
     finally:
         await consumer.stop()
+
+
+def test_grafana_dashboard_uses_our_metrics() -> None:
+    """Every metric the dashboard queries exists (names as the Prometheus client exposes them)."""
+    import re
+
+    from datasync.metrics import Metrics
+
+    families = {family.name: family.type for family in Metrics().registry.collect()}
+    suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_count", "_sum"], "gauge": [""]}
+    exposed = {name + suffix for name, kind in families.items() for suffix in suffixes[kind]}
+    dashboard = json.loads((ROOT / "deploy" / "grafana" / "datasync-dashboard.json").read_text())
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    used = {name for expr in exprs for name in re.findall(r"\bdatasync_[a-z_]+", expr)}
+    assert used and used <= exposed, used - exposed
