@@ -31,19 +31,22 @@ class ApplyStatus:
         await self._publish(self._lines(keys, error))
 
     async def changed(self, event: ChangeEvent, error: BaseException | None) -> None:
-        lines: Iterable[tuple[str, object]]
-        if error is None:
-            lines = [(c.key, None if c.op == "delete" else self._value(c.revision, None)) for c in event.changes]
-        else:
-            lines = self._lines(((c.key, c.revision) for c in event.changes), error)
+        named = set(error.keys) if isinstance(error, PluginError) and error.keys else None
+        failed = {c.key for c in event.changes} if error is not None and named is None else (named or set())
+        lines = [
+            (c.key, self._value(c.revision, repr(error)))
+            if c.key in failed
+            else (c.key, None if c.op == "delete" else self._value(c.revision, None))
+            for c in event.changes
+        ]
         await self._publish(lines)
 
     def _lines(self, keys: Iterable[tuple[str, int]], error: BaseException | None) -> Iterable[tuple[str, object]]:
+        """One line per key: an error names its keys (PluginError) or fails them all; the rest are ok."""
         named = set(error.keys) if isinstance(error, PluginError) and error.keys else None
         for key, revision in keys:
             failed = error is not None and (named is None or key in named)
-            if error is None or failed:
-                yield key, self._value(revision, repr(error) if failed else None)
+            yield key, self._value(revision, repr(error) if failed else None)
 
     def _value(self, revision: int, error: str | None) -> dict[str, object]:
         return {

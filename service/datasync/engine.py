@@ -71,6 +71,7 @@ class DataSync:
         self._watchdog: asyncio.Task[None] | None = None
         self._resync_reason: str | None = "start"
         self._stopping = False
+        self._closing: list[tuple[Registration, asyncio.Future[None]]] = []  # close() requests
         self._wakeup = asyncio.Event()
         self._changed = asyncio.Condition()
         self._remaining: dict[str, int] = {}  # records left per topic while tables are rebuilt
@@ -154,9 +155,23 @@ class DataSync:
         return reg
 
     async def _unregister(self, reg: Registration) -> None:
+        """Remove a registration; while the engine runs, its task does it between two steps,
+        so that ``stop()`` never runs while the same plugin is handling an event."""
+        if reg not in self._registrations:
+            return
+        if not self.running:
+            await self._close(reg)
+            return
+        done = asyncio.get_running_loop().create_future()
+        self._closing.append((reg, done))
+        self._wakeup.set()
+        await done
+
+    async def _close(self, reg: Registration) -> None:
         if reg in self._registrations:
             self._registrations.remove(reg)
             if reg.started:
+                reg.started = False
                 await self._calls.hook(reg, "stop")
 
     # -- queries --------------------------------------------------------------
@@ -243,6 +258,10 @@ class DataSync:
                 except Exception:  # it died earlier; stopping goes on regardless
                     log.exception("engine task %s had failed", task.get_name())
         self._task = self._watchdog = None
+        for reg, closed in self._closing:
+            await self._close(reg)
+            closed.set_result(None)
+        self._closing.clear()
         for reg in reversed(self._registrations):
             if reg.started:
                 await self._calls.hook(reg, "stop")
@@ -265,6 +284,10 @@ class DataSync:
         failures = 0
         while not self._stopping:
             self.last_step = time.monotonic()
+            while self._closing:
+                reg, done = self._closing.pop(0)
+                await self._close(reg)
+                done.set_result(None)
             try:
                 if self._resync_reason is not None:
                     await self._rebuild(reader)
