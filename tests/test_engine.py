@@ -226,7 +226,7 @@ async def test_records_produced_during_resync_are_delivered_once(make_engine, bo
         for i in range(total):
             await producer.send(topic, key=f"k{i:05d}".encode(), value=f"v{i}".encode())
             if i % 100 == 0:
-                await asyncio.sleep(0.02)
+                await asyncio.sleep(0.05)  # spread over ~1.5 s: before, during and after the resync
         await producer.flush()
 
     try:
