@@ -133,3 +133,35 @@ def test_broken_schema_file_is_named(tmp_path: Path) -> None:
 def test_pathological_json_is_a_decode_error() -> None:
     with pytest.raises(DecodeError):
         JsonCodec().decode(b"[" * 100_000)  # RecursionError inside the parser
+
+
+def test_fingerprint_covers_types_from_other_files(tmp_path: Path) -> None:
+    """A record referring to another file's type changes fingerprint when that type changes."""
+    link = {"type": "record", "name": "Link", "namespace": "demo", "fields": [{"name": "a", "type": "demo.Interface"}]}
+    prints = []
+    for interface in (V1, V2):
+        d = tmp_path / str(len(prints))
+        (d / "demo").mkdir(parents=True)
+        (d / "demo" / "Interface.avsc").write_text(json.dumps(interface))
+        (d / "demo" / "Link.avsc").write_text(json.dumps(link))
+        prints.append(SchemaStore.load(d).get("demo.Link").fingerprint)  # type: ignore[union-attr]
+    assert prints[0] != prints[1]
+
+
+def test_change_envelope_is_derived_for_every_record(store: SchemaStore) -> None:
+    envelope = store.get("demo.InterfaceChange")
+    assert envelope is not None
+    codec = AvroCodec(store, envelope)
+    value = {
+        "op": "u",
+        "key": "config/eth0",
+        "before": {"name": "eth0", "mtu": 1500, "enabled": True},
+        "after": {"name": "eth0", "mtu": 9000, "enabled": True},
+        "source": {"topic": "t", "partition": 1, "offset": 42},
+        "ts_ms": 1_700_000_000_000,
+    }
+    assert codec.decode(codec.encode(value)) == value
+    deleted = {**value, "op": "d", "after": None}
+    assert codec.decode(codec.encode(deleted))["after"] is None
+    with pytest.raises(EncodeError):
+        codec.encode({**value, "op": "x"})

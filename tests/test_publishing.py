@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,7 @@ from datasync import DataSync, Delivery, PluginError, Publisher
 from datasync.admin import prepare_topics
 from datasync.bindings import TopicSpec
 from datasync.changefeed import Changefeed
-from datasync.codecs import JsonCodec
+from datasync.codecs import AvroCodec, JsonCodec
 from datasync.errors import EncodeError
 from datasync.schemas import SchemaStore
 from datasync.settings import HttpSettings, KafkaSettings, SyncSettings
@@ -43,8 +43,10 @@ async def engines() -> AsyncIterator[list[DataSync]]:
         await engine.stop()
 
 
-async def read_all(bootstrap: str, topic: str, committed: bool = True) -> list[tuple[str, Any]]:
-    """Every record of ``topic`` (all partitions, in offset order per partition) as (key, decoded JSON)."""
+async def read_all(
+    bootstrap: str, topic: str, committed: bool = True, decode: Callable[[bytes], Any] = json.loads
+) -> list[tuple[str, Any]]:
+    """Every record of ``topic`` (all partitions, in offset order per partition) as (key, decoded value)."""
     consumer = AIOKafkaConsumer(
         bootstrap_servers=bootstrap, isolation_level="read_committed" if committed else "read_uncommitted"
     )
@@ -59,7 +61,7 @@ async def read_all(bootstrap: str, topic: str, committed: bool = True) -> list[t
         for tp in partitions:
             while await consumer.position(tp) < ends[tp]:
                 for record in (await consumer.getmany(tp, timeout_ms=500)).get(tp, []):
-                    out.append((record.key.decode(), None if record.value is None else json.loads(record.value)))
+                    out.append((record.key.decode(), None if record.value is None else decode(record.value)))
         return out
     finally:
         await consumer.stop()
@@ -172,6 +174,40 @@ async def test_changefeed_snapshot_records(bootstrap: str, topic: str, engines: 
         await eventually(arrived)
     got = sorted((v["key"], v["op"], v["before"], v["after"]) for _, v in await read_all(bootstrap, outbound) if v)
     assert got == [("cfg/a", "r", None, {"v": 1}), ("cfg/b", "r", None, {"v": 2}), ("cfg/c", "c", None, {"v": 3})]
+
+
+async def test_changefeed_avro_envelopes(bootstrap: str, topic: str, engines: list[DataSync], tmp_path: Path) -> None:
+    """With ``value: avro:t.ItemChange`` (derived from t.Item) the envelopes are Avro."""
+    (tmp_path / "Item.avsc").write_text(json.dumps(ITEM))
+    store = SchemaStore.load(tmp_path)
+    envelope = AvroCodec(store, store.get("t.ItemChange"))
+    outbound = f"{topic}.changes"
+    engine = DataSync(KafkaSettings(bootstrap_servers=bootstrap), QUICK)
+    engines.append(engine)
+    engine.add_topic(TopicSpec(name=topic, partitions=1, value="avro:t.Item"), AvroCodec(store, store.get("t.Item")))
+    engine.add_topic(TopicSpec(name=outbound, partitions=1, value="avro:t.ItemChange"), envelope, read=False)
+    engine.add_publisher("feed", outbound)
+    source = engine.add_publisher("source", topic)
+    engine.watch("feed", Changefeed(), {topic: [""]}, {"publisher": "feed"})
+    await engine.start()
+    async with asyncio.timeout(20):
+        await engine.wait_ready()
+    await source.put("k", {"n": 1})
+    await source.put("k", {"n": 2})
+    await source.delete("k")
+
+    async def arrived() -> bool:
+        return len(await read_all(bootstrap, outbound, decode=envelope.decode)) >= 4
+
+    async with asyncio.timeout(10):
+        await eventually(arrived)
+    got = await read_all(bootstrap, outbound, decode=envelope.decode)
+    assert [(v["op"], v["before"], v["after"]) if v else None for _, v in got] == [
+        ("c", None, {"n": 1}),
+        ("u", {"n": 1}, {"n": 2}),
+        ("d", {"n": 2}, None),
+        None,
+    ]
 
 
 async def test_apply_status_error_then_ok(bootstrap: str, topic: str, engines: list[DataSync]) -> None:

@@ -2,9 +2,10 @@
 
 Kafka has no "previous value"; the state table has. Each change becomes a
 Debezium-style envelope ``{op: c|u|d|r, key, before, after, source: {topic,
-partition, offset}, ts_ms}`` (``ts_ms`` is the source record's timestamp), sent
-through a publisher; after a delete, optionally a tombstone so the outbound
-topic can be compacted too.
+partition, offset}, ts_ms}`` (``ts_ms`` is the source record's timestamp),
+encoded with the outbound topic's codec (``json``, or ``avro:NameChange``, the
+envelope schema derived for every record schema ``Name``); after a delete,
+optionally a tombstone so the outbound topic can be compacted too.
 
 No gaps and no repeats across restarts: the envelopes and a checkpoint per
 source partition (in a compacted ``<outbound>.checkpoints`` topic) are written

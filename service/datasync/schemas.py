@@ -4,6 +4,10 @@ Every ``.avsc`` file is a writer schema that records may carry (by its
 CRC-64-AVRO fingerprint). The *reader* schema of a full name ``a.b.Name`` is
 the file ``a/b/Name.avsc``; other files defining the same name (for example
 ``a/b/Name.v1.avsc``) are older versions, kept so their records still decode.
+
+For every record ``a.b.Name`` the store also derives ``a.b.NameChange``, the
+changefeed's envelope: ``{op, key, before, after, source, ts_ms}`` with
+``before``/``after`` of type ``a.b.Name`` (see ``datasync.changefeed``).
 """
 
 from __future__ import annotations
@@ -74,6 +78,10 @@ class SchemaStore:
             if len(errors) == len(pending) and errors:
                 bad, error = next(iter(errors.items()))
                 raise ConfigError(str(bad), "", f"invalid Avro schema: {error}")
+        for name in store.names():
+            reader = store.get(name)
+            if reader is not None and _is_record(reader.parsed) and store.get(f"{name}Change") is None:
+                store.add(_parse(directory / f"(derived from {name})", change_envelope(reader), named))
         return store
 
 
@@ -88,5 +96,55 @@ def _parse(path: Path, obj: Any, named: dict[str, Any]) -> Schema:
     for name, value in own.items():
         named.setdefault(name, value)
     fullname = parsed["name"] if isinstance(parsed, dict) and "name" in parsed else str(obj)
-    fp = bytes.fromhex(fingerprint(to_parsing_canonical_form(parsed), "CRC-64-AVRO"))
+    # Types defined in other files are inlined (once) so that the fingerprint covers them too.
+    named_here = parsed.get("__named_schemas", {}) if isinstance(parsed, dict) else {}
+    canonical = to_parsing_canonical_form(_inline_once(parsed, named_here, set()))
+    fp = bytes.fromhex(fingerprint(canonical, "CRC-64-AVRO"))
     return Schema(fullname=fullname, parsed=parsed, fingerprint=fp, source=str(path))
+
+
+def _inline_once(node: Any, named: dict[str, Any], seen: set[str]) -> Any:
+    """A self-contained copy of a type: each named type defined at its first use, named after."""
+    if isinstance(node, str):
+        return _inline_once(named[node], named, seen) if node in named and node not in seen else node
+    if isinstance(node, list):  # a union
+        return [_inline_once(item, named, seen) for item in node]
+    kind = node["type"]
+    if kind in ("record", "enum", "fixed"):
+        if node["name"] in seen:
+            return node["name"]
+        seen.add(node["name"])
+    out = {key: value for key, value in node.items() if not key.startswith("__")}
+    if kind == "record":
+        out["fields"] = [{**field, "type": _inline_once(field["type"], named, seen)} for field in node["fields"]]
+    elif kind == "array":
+        out["items"] = _inline_once(node["items"], named, seen)
+    elif kind == "map":
+        out["values"] = _inline_once(node["values"], named, seen)
+    elif not isinstance(kind, str) or kind in named:
+        out["type"] = _inline_once(kind, named, seen)
+    return out
+
+
+def _is_record(parsed: Any) -> bool:
+    return isinstance(parsed, dict) and parsed.get("type") == "record"
+
+
+def change_envelope(value: Schema) -> dict[str, Any]:
+    """The Avro schema of the changefeed's envelope for records of ``value``."""
+    name = value.fullname
+    source_fields = [{"name": "topic", "type": "string"}, {"name": "partition", "type": "int"},
+                     {"name": "offset", "type": "long"}]  # fmt: skip
+    return {
+        "type": "record",
+        "name": f"{name}Change",
+        "doc": f"A change of a {name} (Debezium-style envelope); written by the datasync changefeed.",
+        "fields": [
+            {"name": "op", "type": {"type": "enum", "name": f"{name}ChangeOp", "symbols": ["c", "u", "d", "r"]}},
+            {"name": "key", "type": "string"},
+            {"name": "before", "type": ["null", name], "default": None},
+            {"name": "after", "type": ["null", name], "default": None},
+            {"name": "source", "type": {"type": "record", "name": f"{name}ChangeSource", "fields": source_fields}},
+            {"name": "ts_ms", "type": "long"},
+        ],
+    }
