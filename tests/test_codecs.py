@@ -165,3 +165,23 @@ def test_change_envelope_is_derived_for_every_record(store: SchemaStore) -> None
     assert codec.decode(codec.encode(deleted))["after"] is None
     with pytest.raises(EncodeError):
         codec.encode({**value, "op": "x"})
+
+
+def test_envelope_uses_the_reader_version(tmp_path: Path) -> None:
+    (tmp_path / "demo").mkdir()
+    (tmp_path / "demo" / "Interface-2023.avsc").write_text(json.dumps(V1))  # sorts first, an old version
+    (tmp_path / "demo" / "Interface.avsc").write_text(json.dumps(V2))
+    store = SchemaStore.load(tmp_path)
+    codec = AvroCodec(store, store.get("demo.InterfaceChange"))
+    after = {"name": "eth0", "mtu": 9000, "enabled": False}
+    value = {"op": "c", "key": "k", "before": None, "after": after, "source": {"topic": "t", "partition": 0,
+             "offset": 1}, "ts_ms": 0}  # fmt: skip
+    assert codec.decode(codec.encode(value))["after"] == after
+
+
+def test_top_level_union_referring_to_another_file(tmp_path: Path) -> None:
+    (tmp_path / "demo").mkdir()
+    (tmp_path / "demo" / "Interface.avsc").write_text(json.dumps(V2))
+    (tmp_path / "Maybe.avsc").write_text(json.dumps(["null", "demo.Interface"]))
+    store = SchemaStore.load(tmp_path)
+    assert len({s.fullname for s in store.by_fingerprint.values()}) >= 2

@@ -400,3 +400,27 @@ async def test_a_plugin_raising_cancelled_error_does_not_stop_the_engine(
     async with asyncio.timeout(10):
         await engine.wait_for(lambda: plugin.view == {"k": "v"})  # retried after the failure
     assert engine.running and engine.metrics.plugin_failures.labels("rude", "change")._value.get() == 1
+
+
+async def test_a_plugin_may_close_its_own_registration(make_engine, producer: AIOKafkaProducer, topic: str):
+    engine = make_engine(topic, partitions=1)
+    regs = {}
+
+    class Quitter(Recorder):
+        async def change(self, event):  # type: ignore[no-untyped-def]
+            await super().change(event)
+            await regs["quitter"].close()  # from inside its own handler, on the engine's task
+
+    quitter, other = Quitter("quitter"), Recorder("other")
+    regs["quitter"] = engine.watch("quitter", quitter, {topic: [""]})
+    engine.watch("other", other, {topic: [""]})
+    await engine.start()
+    async with asyncio.timeout(20):
+        await engine.wait_ready()
+    await put_all(producer, topic, [("a", "1")])
+    async with asyncio.timeout(10):
+        await engine.wait_for(lambda: "quitter" not in engine.status() and other.view == {"a": "1"})
+    await put_all(producer, topic, [("b", "2")])
+    async with asyncio.timeout(10):
+        await engine.wait_for(lambda: other.view == {"a": "1", "b": "2"})
+    assert quitter.view == {"a": "1"} and engine.running

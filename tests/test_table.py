@@ -35,3 +35,11 @@ def test_put_and_delete_return_the_previous_state() -> None:
     deleted = table.delete("k")
     assert deleted is not None and value_of(deleted) == b"2"
     assert table.delete("k") is None and len(table) == 0
+
+
+def test_prefix_ending_in_the_last_code_point() -> None:
+    table = StateTable("t")
+    for key in ["a\U0010ffff", "a\U0010ffffx", "b", "\U0010ffff"]:
+        table.put(key, pack(b"", 0, 0, 0))
+    assert table.keys_under("a\U0010ffff") == ["a\U0010ffff", "a\U0010ffffx"]
+    assert table.keys_under("\U0010ffff") == ["\U0010ffff"]

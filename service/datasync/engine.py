@@ -77,6 +77,8 @@ class DataSync:
         self._remaining: dict[str, int] = {}  # records left per topic while tables are rebuilt
         self.broker_connected = False
         self.generation = 0  # how many times the tables have been rebuilt
+        self.rebuilding = False  # tables are being read; they are incomplete until it ends
+        self._delta_base: dict[str, StateTable] | None = None  # tables delta-mode plugins were in sync with
         self.last_step = time.monotonic()  # when the engine last made progress (for /healthz)
 
     # -- set-up ---------------------------------------------------------------
@@ -159,13 +161,16 @@ class DataSync:
         so that ``stop()`` never runs while the same plugin is handling an event."""
         if reg not in self._registrations:
             return
-        if not self.running:
+        task = self._task
+        if task is None or task.done() or asyncio.current_task() is task:  # not running, or a plugin closing
             await self._close(reg)
             return
         done = asyncio.get_running_loop().create_future()
         self._closing.append((reg, done))
         self._wakeup.set()
-        await done
+        await asyncio.wait([done, task], return_when=asyncio.FIRST_COMPLETED)
+        if not done.done():  # the engine task ended first
+            await self._close(reg)
 
     async def _close(self, reg: Registration) -> None:
         if reg in self._registrations:
@@ -260,7 +265,8 @@ class DataSync:
         self._task = self._watchdog = None
         for reg, closed in self._closing:
             await self._close(reg)
-            closed.set_result(None)
+            if not closed.done():
+                closed.set_result(None)
         self._closing.clear()
         for reg in reversed(self._registrations):
             if reg.started:
@@ -286,8 +292,11 @@ class DataSync:
             self.last_step = time.monotonic()
             while self._closing:
                 reg, done = self._closing.pop(0)
-                await self._close(reg)
-                done.set_result(None)
+                try:
+                    await self._close(reg)
+                finally:
+                    if not done.done():  # the caller may have been cancelled meanwhile
+                        done.set_result(None)
             try:
                 if self._resync_reason is not None:
                     await self._rebuild(reader)
@@ -371,9 +380,13 @@ class DataSync:
         if self.generation:  # topics may have been recreated, with other partitions
             reader.assign(await prepare_topics(self.kafka, list(self._topics.values()), create=False))
         tables = {name: StateTable(name) for name in self._topics}
-        # Keep the old tables only for delta-mode plugins that were in sync with them; otherwise
-        # free them first, so that the new ones reuse their memory instead of doubling the peak.
-        previous = self._tables if any(self._wants_delta(r) for r in self._registrations) else None
+        # Keep the old tables only for delta-mode plugins that were in sync with them (and keep
+        # them across failed attempts: a half-read table is no base); otherwise free them first,
+        # so that the new ones reuse their memory instead of doubling the peak.
+        if not self.rebuilding and any(self._wants_delta(r) for r in self._registrations):
+            self._delta_base = self._tables
+        self.rebuilding = True
+        self._remaining = {name: 0 for name in self._topics}
         self._tables = tables
         ends = await reader.rewind()
         pending = set(self._topics)
@@ -395,13 +408,15 @@ class DataSync:
                 self._ingest.fold_all(tables[tp.topic], records)
             await self._dead_letters.send(self._ingest.take_rejected())
         self.generation += 1
+        self.rebuilding = False
         log.info("tables rebuilt in %.2fs", time.monotonic() - started)
         now = time.monotonic()
         for reg in self._registrations:
-            reg.delta_base = previous if previous is not None and self._wants_delta(reg) else None
+            reg.delta_base = self._delta_base if self._wants_delta(reg) else None
             reg.status.state = PluginState.RESYNCING
             reg.status.resync_attempts = 0
             reg.due = now
+        self._delta_base = None
 
     @staticmethod
     def _wants_delta(reg: Registration) -> bool:

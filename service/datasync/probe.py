@@ -7,6 +7,7 @@ import logging
 from types import TracebackType
 
 from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import KafkaError
 
 from datasync.settings import KafkaSettings
 
@@ -31,13 +32,13 @@ class BrokerProbe:
         try:
             async with asyncio.timeout(self._timeout_s):
                 if self._admin is None:
-                    admin = AIOKafkaAdminClient(**self._kafka.client_options())
-                    await admin.start()
-                    self._admin = admin
+                    self._admin = AIOKafkaAdminClient(**self._kafka.client_options())
+                    await self._admin.start()  # if this fails, _close() below closes it
                 await self._admin.describe_cluster()
             return True
         except Exception as exc:  # Kafka errors, refused connections, time-outs: all mean "not now"
-            log.debug("broker probe failed: %r", exc)
+            expected = isinstance(exc, KafkaError | OSError | TimeoutError)
+            log.log(logging.DEBUG if expected else logging.WARNING, "broker probe failed: %r", exc)
             await self._close()  # start afresh next time: cached connections may be dead
             return False
 

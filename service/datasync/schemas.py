@@ -29,6 +29,7 @@ class Schema:
     parsed: Any
     fingerprint: bytes  # 8 bytes, little-endian, as in the single-object encoding
     source: str
+    aliases: tuple[bytes, ...] = ()  # other fingerprints that denote the same schema
 
 
 class SchemaStore:
@@ -41,7 +42,8 @@ class SchemaStore:
             self.add(schema)
 
     def add(self, schema: Schema) -> None:
-        self.by_fingerprint.setdefault(schema.fingerprint, schema)
+        for fp in (schema.fingerprint, *schema.aliases):
+            self.by_fingerprint.setdefault(fp, schema)
         canonical = schema.fullname.replace(".", "/") + ".avsc"
         if schema.fullname not in self._by_name or schema.source.endswith(canonical):
             self._by_name[schema.fullname] = schema
@@ -65,8 +67,9 @@ class SchemaStore:
             except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
                 raise ConfigError(str(path), "", f"cannot read schema: {exc}") from exc
         named: dict[str, Any] = {}
-        while pending:
+        while pending:  # files may refer to types of files parsed later: go round until none parses
             errors: dict[Path, Exception] = {}
+            before = len(pending)
             for path, obj in list(pending.items()):
                 try:
                     schema = _parse(path, obj, named)
@@ -75,13 +78,18 @@ class SchemaStore:
                     continue
                 del pending[path]
                 store.add(schema)
-            if len(errors) == len(pending) and errors:
+            if len(pending) == before:
                 bad, error = next(iter(errors.items()))
                 raise ConfigError(str(bad), "", f"invalid Avro schema: {error}")
         for name in store.names():
             reader = store.get(name)
             if reader is not None and _is_record(reader.parsed) and store.get(f"{name}Change") is None:
-                store.add(_parse(directory / f"(derived from {name})", change_envelope(reader), named))
+                # Parsed against the reader's own definitions, not whichever version came first.
+                own = dict(reader.parsed.get("__named_schemas", {}))
+                try:
+                    store.add(_parse(directory / f"(derived from {name})", change_envelope(reader), own))
+                except Exception as exc:  # e.g. a type of the user's named like the envelope's parts
+                    raise ConfigError(reader.source, "", f"cannot derive {name}Change: {exc}") from exc
         return store
 
 
@@ -97,10 +105,15 @@ def _parse(path: Path, obj: Any, named: dict[str, Any]) -> Schema:
         named.setdefault(name, value)
     fullname = parsed["name"] if isinstance(parsed, dict) and "name" in parsed else str(obj)
     # Types defined in other files are inlined (once) so that the fingerprint covers them too.
-    named_here = parsed.get("__named_schemas", {}) if isinstance(parsed, dict) else {}
-    canonical = to_parsing_canonical_form(_inline_once(parsed, named_here, set()))
+    canonical = to_parsing_canonical_form(_inline_once(parsed, own, set()))
     fp = bytes.fromhex(fingerprint(canonical, "CRC-64-AVRO"))
-    return Schema(fullname=fullname, parsed=parsed, fingerprint=fp, source=str(path))
+    # fastavro's own canonical form leaves types of other files as bare names; writers that use
+    # it get this fingerprint, which is accepted for decoding too.
+    try:
+        aliases: tuple[bytes, ...] = (bytes.fromhex(fingerprint(to_parsing_canonical_form(parsed), "CRC-64-AVRO")),)
+    except Exception:  # a top-level union or array of another file's type: fastavro cannot write that form
+        aliases = ()
+    return Schema(fullname=fullname, parsed=parsed, fingerprint=fp, source=str(path), aliases=aliases)
 
 
 def _inline_once(node: Any, named: dict[str, Any], seen: set[str]) -> Any:

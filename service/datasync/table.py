@@ -14,6 +14,7 @@ from typing import NamedTuple
 
 _TRAILER = struct.Struct("<qqH")  # offset, timestamp (ms), partition
 TRAILER_SIZE = _TRAILER.size
+_MAX_CHAR = chr(0x10FFFF)
 
 Packed = bytes  # value + trailer
 
@@ -94,7 +95,8 @@ class StateTable:
             self._sorted = sorted(self.data)
         keys = self._sorted
         lo = bisect_left(keys, prefix)
-        hi = len(keys) if not prefix else bisect_left(keys, prefix[:-1] + chr(ord(prefix[-1]) + 1), lo)
+        stem = prefix.rstrip(_MAX_CHAR)  # the first string after every "prefix...": bump its last char
+        hi = bisect_left(keys, stem[:-1] + chr(ord(stem[-1]) + 1), lo) if stem else len(keys)
         return keys[lo:hi]
 
     def under(self, prefix: str) -> list[tuple[str, Packed]]:

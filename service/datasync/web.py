@@ -52,6 +52,8 @@ def _error(status: int, message: str) -> web.Response:
 
 async def get_key(request: web.Request) -> web.Response:
     engine, topic, key = request.app[ENGINE], request.match_info["topic"], request.match_info["key"]
+    if engine.rebuilding:
+        return _error(503, "the tables are being rebuilt (full resync); try again shortly")
     codec = engine.codec(topic)
     try:
         entry = engine.table(topic).get(key)
@@ -130,12 +132,13 @@ async def readyz(request: web.Request) -> web.Response:
     rebuilding = {
         name: t["resync_remaining"] for name, t in (await engine.topics_status()).items() if t["resync_remaining"]
     }
-    ready = engine.running and engine.broker_connected and not waiting and not rebuilding
+    ready = engine.running and engine.broker_connected and not waiting and not rebuilding and not engine.rebuilding
     body = {
         "ready": ready,
         "broker": "connected" if engine.broker_connected else "unreachable",
         "plugins_not_ready": waiting,
         "topics_resyncing": rebuilding,
+        "rebuilding": engine.rebuilding,
     }
     return web.json_response(body, status=200 if ready else 503)
 
