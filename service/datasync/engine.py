@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from aiokafka import TopicPartition
 from aiokafka.errors import KafkaError, OffsetOutOfRangeError
 
 from datasync.admin import prepare_topics
@@ -199,13 +200,8 @@ class DataSync:
     async def topics_status(self) -> dict[str, dict[str, Any]]:
         """Per topic: keys in the table, records left while rebuilding, lag per partition."""
         lag: dict[str, dict[int, int]] = {name: {} for name in self._topics}
-        if self._reader is not None and self.broker_connected:
-            try:
-                async with asyncio.timeout(1):
-                    for tp, n in (await self._reader.lag()).items():
-                        lag[tp.topic][tp.partition] = n
-            except Exception as exc:  # positions unknown right now: report no lag rather than hang
-                log.debug("lag not measured: %r", exc)
+        for tp, n in (await self._lag(timeout_s=1.0)).items():
+            lag[tp.topic][tp.partition] = n
         return {
             name: {"keys": len(self._tables[name]), "resync_remaining": self._remaining.get(name, 0), "lag": lag[name]}
             for name in self._topics
@@ -337,15 +333,19 @@ class DataSync:
                     else:
                         log.error("broker connection lost (%d probes failed)", failures)
                     await self._notify()
-                if self._reader is not None and up:
-                    try:
-                        async with asyncio.timeout(self.sync.broker_probe_s):
-                            lag = await self._reader.lag()
-                    except Exception as exc:  # positions unknown right now (rebuild, reassignment)
-                        log.debug("lag not measured: %r", exc)
-                        continue
-                    for tp, n in lag.items():
-                        self.metrics.lag.labels(tp.topic, str(tp.partition)).set(n)
+                for tp, n in (await self._lag(timeout_s=self.sync.broker_probe_s)).items():
+                    self.metrics.lag.labels(tp.topic, str(tp.partition)).set(n)
+
+    async def _lag(self, timeout_s: float) -> dict[TopicPartition, int]:
+        """Lag per partition, or nothing while it cannot be known (broker away, rebuild, reassignment)."""
+        if self._reader is None or not self.broker_connected:
+            return {}
+        try:
+            async with asyncio.timeout(timeout_s):
+                return await self._reader.lag()
+        except Exception as exc:  # report no lag rather than hang or fail the caller
+            log.debug("lag not measured: %r", exc)
+            return {}
 
     def _fetch_timeout_ms(self) -> int:
         """Fetch no longer than until the next resync retry is due, nor than IDLE_FETCH_MS."""

@@ -41,9 +41,6 @@ class Registration:
         self.diverged = False
         self._on_close = on_close
 
-    def matches(self, topic: str, key: str) -> bool:
-        return any(key.startswith(p) for p in self.watches.get(topic, ()))
-
     async def close(self) -> None:
         """Stop delivering events to this plugin (others are unaffected) and stop it."""
         await self._on_close(self)

@@ -132,7 +132,7 @@ async def readyz(request: web.Request) -> web.Response:
     rebuilding = {
         name: t["resync_remaining"] for name, t in (await engine.topics_status()).items() if t["resync_remaining"]
     }
-    ready = engine.running and engine.broker_connected and not waiting and not rebuilding and not engine.rebuilding
+    ready = engine.running and engine.broker_connected and not waiting and not engine.rebuilding
     body = {
         "ready": ready,
         "broker": "connected" if engine.broker_connected else "unreachable",
