@@ -12,6 +12,12 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaProducer
 
+from datasync import DataSync
+from datasync.admin import prepare_topics
+from datasync.bindings import TopicSpec
+from datasync.codecs import StringCodec
+from datasync.settings import KafkaSettings, SyncSettings
+
 from localkafka import LocalBroker
 
 
@@ -71,3 +77,26 @@ async def eventually(check: Callable[[], Awaitable[bool]], interval: float = 0.2
         if await check():
             return
         await asyncio.sleep(interval)
+
+
+FAST = SyncSettings(resync_backoff_s=0.3, change_backoff_s=0.01, fetch_max_records=500)
+
+
+@pytest.fixture
+async def make_engine(bootstrap: str) -> AsyncIterator[Callable[..., DataSync]]:
+    engines: list[DataSync] = []
+
+    def make(topic: str, partitions: int = 3, sync: SyncSettings = FAST, codec=None) -> DataSync:  # type: ignore[no-untyped-def]
+        engine = DataSync(KafkaSettings(bootstrap_servers=bootstrap), sync)
+        engine.add_topic(TopicSpec(name=topic, partitions=partitions, value="string"), codec or StringCodec())
+        engines.append(engine)
+        return engine
+
+    yield make
+    for engine in engines:
+        await engine.stop()
+
+
+async def create(engine: DataSync) -> None:
+    """Create the engine's topics without starting it (so tests can produce first)."""
+    await prepare_topics(engine.kafka, list(engine._topics.values()), create=True)

@@ -3,43 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
-import pytest
 from aiokafka import AIOKafkaProducer
 
-from datasync import DataSync, PluginState
-from datasync.admin import prepare_topics
+from datasync import PluginState
 from datasync.bindings import TopicSpec
 from datasync.codecs import AvroCodec, StringCodec
 from datasync.schemas import SchemaStore
-from datasync.settings import KafkaSettings, SyncSettings
 
-from conftest import put_all
+from conftest import FAST, create, put_all
 from recorder import Recorder
-
-FAST = SyncSettings(resync_backoff_s=0.3, change_backoff_s=0.01, fetch_max_records=500)
-
-
-@pytest.fixture
-async def make_engine(bootstrap: str) -> AsyncIterator[Callable[..., DataSync]]:
-    engines: list[DataSync] = []
-
-    def make(topic: str, partitions: int = 3, sync: SyncSettings = FAST, codec=None) -> DataSync:  # type: ignore[no-untyped-def]
-        engine = DataSync(KafkaSettings(bootstrap_servers=bootstrap), sync)
-        engine.add_topic(TopicSpec(name=topic, partitions=partitions, value="string"), codec or StringCodec())
-        engines.append(engine)
-        return engine
-
-    yield make
-    for engine in engines:
-        await engine.stop()
-
-
-async def create(engine: DataSync) -> None:
-    """Create the engine's topics without starting it (so tests can produce first)."""
-    await prepare_topics(engine.kafka, list(engine._topics.values()), create=True)
 
 
 async def test_resync_is_last_value_per_key_across_partitions(make_engine, producer: AIOKafkaProducer, topic: str):
@@ -112,7 +86,7 @@ async def test_plugins_resync_in_order_with_their_prefixes(make_engine, producer
     journal: list[tuple[str, str]] = []
     interfaces, routes = Recorder("interfaces", journal), Recorder("routes", journal)
     engine.watch("interfaces", interfaces, {topic: ["config/interfaces/"]})
-    engine.watch("routes", routes, {topic: ["config/routes/", "config/routes/static/"]})
+    engine.watch("routes", routes, {topic: ["config/routes/", "config/routes/static/"]}, after=["interfaces"])
     await engine.start()
     async with asyncio.timeout(20):
         await engine.wait_ready()
@@ -131,7 +105,7 @@ async def test_plugins_resync_in_order_with_their_prefixes(make_engine, producer
     assert engine.table(topic).get("config/other/x") is not None
 
     # Hold the engine in a late plugin's resync while records land in two partitions, so
-    # that one batch carries a change for each plugin: the earlier plugin is called first.
+    # that one batch carries a change for each plugin: routes (after interfaces) is called second.
     gate = asyncio.Event()
 
     class Gate(Recorder):
@@ -276,16 +250,20 @@ async def test_failed_resync_is_retried_and_others_proceed(make_engine, producer
     assert engine.metrics.plugin_failures.labels("flaky", "resync")._value.get() == 1
 
 
-async def test_resync_gives_up_after_max_attempts(make_engine, topic: str):
-    engine = make_engine(
-        topic, partitions=1, sync=FAST.model_copy(update={"resync_max_attempts": 2, "resync_backoff_s": 0.05})
-    )
-    broken = Recorder("broken", fail_resyncs=99)
+async def test_failed_plugin_is_retried_until_it_recovers(make_engine, topic: str):
+    sync = FAST.model_copy(update={"resync_max_attempts": 2, "resync_backoff_s": 0.05, "resync_backoff_max_s": 0.2})
+    engine = make_engine(topic, partitions=1, sync=sync)
+    broken = Recorder("broken", fail_resyncs=6)  # its dependency comes back after 6 attempts
     engine.watch("broken", broken, {topic: [""]})
     await engine.start()
     async with asyncio.timeout(10):
         await engine.wait_for(lambda: engine.status()["broken"].state is PluginState.FAILED)
-    assert engine.status()["broken"].resync_attempts == 2
+    status = engine.status()["broken"]
+    assert status.resync_attempts == 2 and status.failed_since is not None and status.next_attempt_at is not None
+    async with asyncio.timeout(10):
+        await engine.wait_ready()
+    status = engine.status()["broken"]
+    assert broken.fail_resyncs == 0 and status.failed_since is None and status.last_error is None
 
 
 async def test_failing_change_is_retried_then_recorded(make_engine, producer: AIOKafkaProducer, topic: str):

@@ -73,6 +73,7 @@ class PluginSpec(_Model):
     settings: dict[str, Any] = Field(default_factory=dict)
     resync: Literal["full", "delta"] = Field(default="full", description="after a fault: full resync or deltas")
     status: str | None = Field(default=None, description="publisher receiving each key's apply status")
+    after: list[str] = Field(default_factory=list, description="plugins whose earlier changes come first")
 
 
 class BindingsFile(_Model):
@@ -155,6 +156,11 @@ def load_bindings(topics_dir: Path, schemas_dir: Path) -> Bindings:
                     if (watch.topic, prefix) in seen:
                         raise ConfigError(source, f"{where}.watch[{j}].prefixes", f"{prefix!r} is watched twice")
                     seen.add((watch.topic, prefix))
+            for j, dependency in enumerate(plugin.after):
+                if dependency not in names or dependency == plugin.name:
+                    raise ConfigError(
+                        source, f"{where}.after[{j}]", f"{dependency!r} is not a plugin declared before {plugin.name!r}"
+                    )
             if plugin.status is not None and plugin.status not in publishers:
                 raise ConfigError(source, f"{where}.status", f"unknown publisher {plugin.status!r}")
             try:

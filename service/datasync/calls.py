@@ -1,4 +1,10 @@
-"""Calling plugins: time limits, retries with backoff, and the feedback kept in their status."""
+"""Calling plugins: time limits, retries with backoff, and the feedback kept in their status.
+
+A plugin whose start hook or resync fails is retried with capped backoff for
+as long as the service runs; after ``resync_max_attempts`` failures in a row it
+counts as ``failed`` (visible, and optionally fatal to ``/healthz``) until a
+retry succeeds.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +13,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
-from datasync.api import ChangeEvent, ResyncEvent
+from datasync.api import ChangeEvent, PluginContext, ResyncEvent
 from datasync.metrics import Metrics
 from datasync.registration import Registration
 from datasync.settings import SyncSettings
@@ -15,59 +21,86 @@ from datasync.status import PluginState
 
 log = logging.getLogger("datasync")
 
+PROGRESS_EVERY_S = 10.0  # how often a long plugin call logs that it is still running
+
 
 class PluginCalls:
-    def __init__(self, sync: SyncSettings, metrics: Metrics) -> None:
+    def __init__(self, sync: SyncSettings, metrics: Metrics, on_progress: Callable[[], None] = lambda: None) -> None:
         self._sync = sync
         self._metrics = metrics
+        self._on_progress = on_progress  # a long call that is still within its limit is progress
+        self.running: dict[str, str] = {}  # plugin name -> kind of the call in flight
 
     async def hook(self, reg: Registration, name: str, *args: object) -> bool:
         """Call the optional start/stop hook; a failure is recorded, not raised."""
         try:
-            async with asyncio.timeout(self._sync.change_timeout_s):
-                await getattr(reg.plugin, name)(*args)
+            await self._timed(reg, name, self._sync.change_timeout_s, lambda: getattr(reg.plugin, name)(*args))
             return True
         except Exception as exc:
             reg.status.last_error = f"{name}: {exc!r}"
-            self._metrics.plugin_failures.labels(reg.name, name).inc()
-            log.error("plugin %s: %s hook failed: %r", reg.name, name, exc)
+            log.error("plugin %s: %s hook failed: %r", reg.name, name, exc, extra={"plugin": reg.name})
             return False
 
+    async def start(self, reg: Registration, ctx: PluginContext) -> bool:
+        """The start hook, before the first resync; a failure is retried like a failed resync."""
+        reg.status.resync_attempts += 1
+        if await self.hook(reg, "start", ctx):
+            return True
+        self._retry_later(reg, "start hook", reg.status.last_error or "")
+        return False
+
     async def resync(self, reg: Registration, event: ResyncEvent) -> None:
-        """One resync attempt; on failure schedule the next one (or give up) per the settings."""
-        status = reg.status
-        status.resync_attempts += 1
+        """One resync attempt; on failure schedule the next one."""
+        reg.status.resync_attempts += 1
         started = time.monotonic()
         try:
             await self._timed(reg, "resync", self._sync.resync_timeout_s, lambda: reg.plugin.resync(event))
         except Exception as exc:
             if reg.apply_status is not None:
                 await reg.apply_status.resynced(event, exc)
-            status.last_error = f"resync: {exc!r}"
-            attempts = status.resync_attempts
-            if attempts >= self._sync.resync_max_attempts:
-                status.state = PluginState.FAILED
-                log.error(
-                    "plugin %s: resync of %d keys failed %d times, giving up until the next full resync: %r",
-                    *(reg.name, len(event), attempts, exc),
-                )
-            else:
-                delay = min(self._sync.resync_backoff_s * 2 ** (attempts - 1), self._sync.resync_backoff_max_s)
-                reg.due = time.monotonic() + delay
-                log.warning(
-                    "plugin %s: resync of %d keys failed (attempt %d), retrying in %.1fs: %r",
-                    *(reg.name, len(event), attempts, delay, exc),
-                )
+            reg.status.last_error = f"resync: {exc!r}"
+            self._retry_later(reg, f"resync of {len(event)} keys", repr(exc))
             return
         took = time.monotonic() - started
         if reg.apply_status is not None:
             await reg.apply_status.resynced(event, None)
         reg.diverged = False
+        self.succeeded(reg)
+        reg.status.last_resync_at = time.time()
+        reg.status.last_resync_seconds = took
+        log.info("plugin %s: resynced %d keys in %.3fs", reg.name, len(event), took, extra={"plugin": reg.name})
+
+    def succeeded(self, reg: Registration) -> None:
+        """The plugin is in sync again: it gets changes; failures are forgotten."""
+        status = reg.status
         status.state = PluginState.READY
         status.resync_attempts = 0
-        status.last_resync_at = time.time()
-        status.last_resync_seconds = took
-        log.info("plugin %s: resynced %d keys in %.3fs", reg.name, len(event), took)
+        status.last_error = None
+        status.failed_since = None
+        status.next_attempt_at = None
+
+    def _retry_later(self, reg: Registration, what: str, error: str) -> None:
+        status, sync = reg.status, self._sync
+        attempts = status.resync_attempts
+        delay = min(sync.resync_backoff_s * 2 ** min(attempts - 1, 30), sync.resync_backoff_max_s)
+        reg.due = time.monotonic() + delay
+        status.next_attempt_at = time.time() + delay
+        if attempts >= sync.resync_max_attempts:
+            if status.state is not PluginState.FAILED:
+                status.state = PluginState.FAILED
+                status.failed_since = time.time()
+            log.error(
+                "plugin %s: %s failed %d times in a row, retrying in %.1fs: %s",
+                *(reg.name, what, attempts, delay, error),
+                extra={"plugin": reg.name},
+            )
+        else:
+            status.state = PluginState.RESYNCING
+            log.warning(
+                "plugin %s: %s failed (attempt %d), retrying in %.1fs: %s",
+                *(reg.name, what, attempts, delay, error),
+                extra={"plugin": reg.name},
+            )
 
     async def change(self, reg: Registration, event: ChangeEvent) -> bool:
         """Deliver a CHANGE event, retrying; after the last attempt record the failure. True on success."""
@@ -84,14 +117,23 @@ class PluginCalls:
                         await reg.apply_status.changed(event, exc)
                     reg.status.change_failures += 1
                     reg.status.last_error = f"change: {exc!r}"
-                    log.error("plugin %s: change of %s failed %d times, skipped: %r", reg.name, where, attempt, exc)
+                    log.error(
+                        "plugin %s: change of %s failed %d times, skipped: %r",
+                        *(reg.name, where, attempt, exc),
+                        extra={"plugin": reg.name},
+                    )
                     return False
-                log.warning("plugin %s: change of %s failed (attempt %d), retrying: %r", reg.name, where, attempt, exc)
+                log.warning(
+                    "plugin %s: change of %s failed (attempt %d), retrying: %r",
+                    *(reg.name, where, attempt, exc),
+                    extra={"plugin": reg.name},
+                )
                 await asyncio.sleep(self._sync.change_backoff_s * 2 ** (attempt - 1))
                 continue
             if reg.apply_status is not None:
                 await reg.apply_status.changed(event, None)
             reg.status.changes_applied += len(event.changes)
+            reg.status.last_error = None
             puts = sum(1 for c in event.changes if c.op == "put")
             if puts:
                 self._metrics.changes.labels(reg.name, "put").inc(puts)
@@ -102,6 +144,8 @@ class PluginCalls:
 
     async def _timed(self, reg: Registration, kind: str, limit: float, call: Callable[[], Awaitable[None]]) -> None:
         started = time.monotonic()
+        self.running[reg.name] = kind
+        ticker = asyncio.create_task(self._still_running(reg, kind, started), name=f"datasync-ticker-{reg.name}")
         try:
             async with asyncio.timeout(limit):
                 await call()
@@ -118,4 +162,17 @@ class PluginCalls:
             self._metrics.plugin_failures.labels(reg.name, kind).inc()
             raise
         finally:
+            ticker.cancel()
+            self.running.pop(reg.name, None)
             self._metrics.plugin_seconds.labels(reg.name, kind).observe(time.monotonic() - started)
+
+    async def _still_running(self, reg: Registration, kind: str, started: float) -> None:
+        """While a call runs within its limit, log it now and then, and count it as progress."""
+        while True:
+            await asyncio.sleep(PROGRESS_EVERY_S)
+            self._on_progress()
+            log.info(
+                "plugin %s: %s still running after %.0fs",
+                *(reg.name, kind, time.monotonic() - started),
+                extra={"plugin": reg.name},
+            )

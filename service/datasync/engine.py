@@ -7,11 +7,13 @@ between a resync snapshot and the first live batch:
 1. at start and after a fault, rebuild every table by reading the topics to
    their end;
 2. resync, in declared order, every plugin that needs it and whose retry is due;
-3. fetch one batch, fold it into the tables and deliver the resulting changes
-   to the ready plugins, in declared order.
+3. fetch one batch, fold it into the tables and queue the resulting changes
+   for the ready plugins.
 
-The batch size is bounded and the next fetch waits for the plugins, so a slow
-plugin slows the fetching down instead of filling memory.
+Changes are handed over by one delivery task per plugin (``delivery``), so a
+plugin that retries holds back only itself and the plugins declared after it.
+Queues are bounded, so a slow plugin slows the fetching down instead of
+filling memory.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from datasync.bindings import Bindings, TopicSpec
 from datasync.calls import PluginCalls
 from datasync.codecs import Codec
 from datasync.deadletter import DeadLetters
+from datasync.delivery import Deliveries
 from datasync.errors import ConfigError, TopicError
 from datasync.ingest import Ingest
 from datasync.metrics import Metrics
@@ -48,6 +51,24 @@ log = logging.getLogger("datasync")
 
 # Longest wait for records when idle: bounds how long stop() and late registrations wait.
 IDLE_FETCH_MS = 250
+PROGRESS_EVERY_S = 10.0  # how often a long table read logs its progress
+
+
+class Progress:
+    """Logs a long read's progress (records left, rate) every PROGRESS_EVERY_S."""
+
+    def __init__(self) -> None:
+        self._started = self._last = time.monotonic()
+        self._total: int | None = None
+
+    def report(self, left: int) -> None:
+        now = time.monotonic()
+        if self._total is None:
+            self._total = left
+        elif now - self._last >= PROGRESS_EVERY_S:
+            self._last = now
+            rate = (self._total - left) / (now - self._started)
+            log.info("reading tables: %d records left, %.0f records/s", left, rate)
 
 
 class DataSync:
@@ -64,7 +85,9 @@ class DataSync:
         self._registrations: list[Registration] = []
         self._publishers: dict[str, Publisher] = {}
         self.publishing = Publishing(kafka, self.metrics)
-        self._calls = PluginCalls(self.sync, self.metrics)
+        self._calls = PluginCalls(self.sync, self.metrics, self._progress)
+        self._deliveries = Deliveries(self._calls, self.sync.plugin_queue_max_records, self._step, self._skipped)
+        self._seq = 0  # sequence number of the last fetched batch
         self._reader: TableReader | None = None
         self._dead_letters: DeadLetters | None = None
         self._ingest: Ingest | None = None
@@ -102,7 +125,7 @@ class DataSync:
             except Exception as exc:
                 where = f"{binding.field}.class"
                 raise ConfigError(binding.source, where, f"cannot create the plugin: {exc!r}") from exc
-            engine.watch(spec.name, plugin, watches, spec.settings, spec.resync, spec.status)
+            engine.watch(spec.name, plugin, watches, spec.settings, spec.resync, spec.status, spec.after)
         return engine
 
     def add_topic(self, spec: TopicSpec, codec: Codec, read: bool = True) -> None:
@@ -131,14 +154,18 @@ class DataSync:
         settings: Mapping[str, Any] | None = None,
         resync_mode: ResyncMode = "full",
         status_publisher: str | None = None,
+        after: Sequence[str] = (),
     ) -> Registration:
         """Register ``plugin`` for the given ``{topic: [key prefixes]}``.
 
         Plugins resync in registration order. A plugin registered while the
-        engine runs gets its resync before its first change. With
-        ``resync_mode="delta"`` a plugin that was in sync before a fault gets
-        the differences as a CHANGE event instead of a full RESYNC. With a
-        ``status_publisher`` each key's apply result is published there.
+        engine runs gets its resync before its first change. Changes reach
+        each plugin independently, except that a plugin gets a batch only
+        after the plugins named in ``after`` (registered earlier) handled the
+        batches before it. With ``resync_mode="delta"`` a plugin that was in
+        sync before a fault gets the differences as a CHANGE event instead of
+        a full RESYNC. With a ``status_publisher`` each key's apply result is
+        published there.
         """
         if any(r.name == name for r in self._registrations):
             raise ValueError(f"a plugin named {name!r} is already registered")
@@ -147,6 +174,10 @@ class DataSync:
                 raise ValueError(f"plugin {name!r} watches unknown topic {topic!r}")
             if len(set(prefixes)) != len(prefixes):
                 raise ValueError(f"plugin {name!r} watches a prefix of {topic!r} twice")
+        earlier = {r.name: r for r in self._registrations}
+        for dependency in after:
+            if dependency not in earlier:
+                raise ValueError(f"plugin {name!r}: 'after' names {dependency!r}, which is not registered before it")
         apply_status = None
         if status_publisher is not None:
             if status_publisher not in self._publishers:
@@ -154,6 +185,7 @@ class DataSync:
             apply_status = ApplyStatus(self._publishers[status_publisher], name)
         reg = Registration(name, plugin, watches, settings or {}, resync_mode, apply_status, self._unregister)
         self._registrations.append(reg)
+        self._deliveries.add(reg, [earlier[d] for d in after])
         self._wakeup.set()
         return reg
 
@@ -163,7 +195,8 @@ class DataSync:
         if reg not in self._registrations:
             return
         task = self._task
-        if task is None or task.done() or asyncio.current_task() is task:  # not running, or a plugin closing
+        from_plugin = asyncio.current_task() is task or self._deliveries.in_task(reg)
+        if task is None or task.done() or from_plugin:  # not running, or a plugin closing itself
             await self._close(reg)
             return
         done = asyncio.get_running_loop().create_future()
@@ -176,6 +209,7 @@ class DataSync:
     async def _close(self, reg: Registration) -> None:
         if reg in self._registrations:
             self._registrations.remove(reg)
+            await self._deliveries.remove(reg)
             if reg.started:
                 reg.started = False
                 await self._calls.hook(reg, "stop")
@@ -190,7 +224,22 @@ class DataSync:
         return self._codecs.get(topic)
 
     def status(self) -> dict[str, PluginStatus]:
+        for reg in self._registrations:
+            reg.status.queued = self._deliveries.queued(reg)
         return {r.name: r.status for r in self._registrations}
+
+    def request_plugin_resync(self, name: str) -> None:
+        """Resync plugin ``name`` now (an operator's request); KeyError if there is none."""
+        reg = next((r for r in self._registrations if r.name == name), None)
+        if reg is None:
+            raise KeyError(name)
+        log.info("plugin %s: resync requested", name)
+        self._deliveries.drop(reg)
+        if reg.status.state is PluginState.READY:
+            reg.status.state = PluginState.RESYNCING
+        reg.due = time.monotonic()
+        reg.status.next_attempt_at = time.time()
+        self._wakeup.set()
 
     @property
     def running(self) -> bool:
@@ -238,17 +287,24 @@ class DataSync:
         except BaseException:
             await self.stop()  # close what did start
             raise
+        self._deliveries.start()
         self._task = asyncio.create_task(self._run(), name="datasync-engine")
         self._watchdog = asyncio.create_task(self._watch_broker(), name="datasync-broker-watch")
 
     async def stop(self) -> None:
         """Stop fetching, let the plugin call in flight finish (bounded), stop the plugins, close."""
         self._stopping = True
+        self._deliveries.halt()  # no further change calls; the ones in flight may end
         self._wakeup.set()
-        if self._task is not None:
-            done, _ = await asyncio.wait([self._task], timeout=self.sync.shutdown_timeout_s)
-            if not done:
-                log.warning("plugin call still running after %.1fs: cancelled", self.sync.shutdown_timeout_s)
+        try:
+            async with asyncio.timeout(self.sync.shutdown_timeout_s):
+                if self._task is not None:
+                    await asyncio.wait([self._task])
+                await self._deliveries.wait_idle()
+        except TimeoutError:
+            running = ", ".join(f"{name} ({kind})" for name, kind in self._calls.running.items()) or "none"
+            log.warning("plugin calls still running after %.1fs, cancelled: %s", self.sync.shutdown_timeout_s, running)
+        await self._deliveries.stop()
         for task in (self._watchdog, self._task):
             if task is not None:
                 task.cancel()
@@ -297,8 +353,10 @@ class DataSync:
                 if self._resync_reason is not None:
                     await self._rebuild(reader)
                 await self._resync_due()
+                if self._stopping:
+                    break
                 batch = await reader.fetch(self._fetch_timeout_ms())
-                if batch:
+                if batch and not self._stopping:
                     await self._apply(batch)
                 failures = 0
             except OffsetOutOfRangeError as exc:
@@ -349,7 +407,7 @@ class DataSync:
 
     def _fetch_timeout_ms(self) -> int:
         """Fetch no longer than until the next resync retry is due, nor than IDLE_FETCH_MS."""
-        pending = [r.due for r in self._registrations if r.status.state is PluginState.RESYNCING]
+        pending = [r.due for r in self._registrations if r.status.state is not PluginState.READY]
         if self._wakeup.is_set():
             self._wakeup.clear()
             return 0
@@ -361,6 +419,23 @@ class DataSync:
         async with self._changed:
             self._changed.notify_all()
 
+    def _progress(self) -> None:
+        self.last_step = time.monotonic()
+
+    async def _step(self) -> None:
+        """A plugin handled a batch: that is progress, and waiters re-check."""
+        self._progress()
+        await self._notify()
+
+    def _skipped(self, reg: Registration) -> None:
+        """A CHANGE batch failed every attempt and was skipped: the plugin's view diverged."""
+        reg.diverged = True
+        if getattr(reg.plugin, "resync_after_failed_change", False) and reg.status.state is PluginState.READY:
+            log.warning("plugin %s: a change was skipped: full resync", reg.name)
+            reg.status.state = PluginState.RESYNCING
+            reg.due = time.monotonic()
+            self._wakeup.set()
+
     # -- full resync ----------------------------------------------------------
 
     async def _rebuild(self, reader: TableReader) -> None:
@@ -368,12 +443,15 @@ class DataSync:
         assert self._ingest is not None and self._dead_letters is not None
         reason, self._resync_reason = self._resync_reason or "start", None  # a new request may come meanwhile
         try:
-            await self._read_tables(reader, reason)
+            done = await self._read_tables(reader, reason)
         except BaseException:
             self._resync_reason = self._resync_reason or reason  # not done: do it again
             raise
+        if not done:  # stopped half-way
+            self._resync_reason = self._resync_reason or reason
 
-    async def _read_tables(self, reader: TableReader, reason: str) -> None:
+    async def _read_tables(self, reader: TableReader, reason: str) -> bool:
+        """Read the tables afresh; False if a stop request cut it short."""
         assert self._ingest is not None and self._dead_letters is not None
         started = time.monotonic()
         log.info("full resync (%s): reading %d topic(s) to their end", reason, len(self._topics))
@@ -390,7 +468,8 @@ class DataSync:
         self._tables = tables
         ends = await reader.rewind()
         pending = set(self._topics)
-        while True:
+        progress = Progress()
+        while not self._stopping:
             left = await reader.behind(ends)
             self._remaining = {name: 0 for name in self._topics}
             for tp, n in left.items():
@@ -402,21 +481,28 @@ class DataSync:
                 self.metrics.resync_remaining.labels(name).set(n)
             if not left:
                 break
+            progress.report(sum(left.values()))
             self.last_step = time.monotonic()
             batch = await reader.fetch(timeout_ms=200)
             for tp, records in batch.items():
                 self._ingest.fold_all(tables[tp.topic], records)
             await self._dead_letters.send(self._ingest.take_rejected())
+        if self._stopping:
+            return False
         self.generation += 1
         self.rebuilding = False
         log.info("tables rebuilt in %.2fs", time.monotonic() - started)
         now = time.monotonic()
         for reg in self._registrations:
+            if self._deliveries.drop(reg):  # changes it never got: its view is not the old table
+                reg.diverged = True
             reg.delta_base = self._delta_base if self._wants_delta(reg) else None
-            reg.status.state = PluginState.RESYNCING
+            if reg.status.state is PluginState.READY:
+                reg.status.state = PluginState.RESYNCING
             reg.status.resync_attempts = 0
             reg.due = now
         self._delta_base = None
+        return True
 
     @staticmethod
     def _wants_delta(reg: Registration) -> bool:
@@ -433,18 +519,23 @@ class DataSync:
     async def _resync_due(self) -> None:
         now = time.monotonic()
         for reg in list(self._registrations):
-            if reg.status.state is PluginState.RESYNCING and reg.due <= now:
+            if self._stopping:
+                return
+            if reg.status.state is not PluginState.READY and reg.due <= now and reg in self._registrations:
                 await self._resync(reg)
 
     async def _resync(self, reg: Registration) -> None:
+        if await self._deliveries.pause(reg):  # queued changes the resync replaces
+            reg.diverged = True
+        if reg.diverged:  # its view is not the old table: no delta from it
+            reg.delta_base = None
         if not reg.started:
             plugin_log = logging.getLogger(f"datasync.plugin.{reg.name}")
             replayer = Replayer(self.kafka, self.sync, self._topics, self._codecs)
             ctx = PluginContext(
                 reg.name, reg.settings, plugin_log, self._publishers, reg.watches, self.kafka, replayer.changes
             )
-            if not await self._calls.hook(reg, "start", ctx):
-                reg.status.state = PluginState.FAILED
+            if not await self._calls.start(reg, ctx):
                 return
             reg.started = True
         if reg.delta_base is not None:
@@ -452,7 +543,7 @@ class DataSync:
             changes = self._differences(reg, base)
             if not changes or await self._calls.change(reg, ChangeEvent(changes)):
                 log.info("plugin %s: back in sync with %d changes (delta mode)", reg.name, len(changes))
-                reg.status.state = PluginState.READY
+                self._calls.succeeded(reg)
                 return
             # the delta failed: fall back to a full resync, right away
         segments: dict[str, list[Segment]] = {}
@@ -495,6 +586,7 @@ class DataSync:
         ingest = self._ingest
         ready = [r for r in self._registrations if r.status.state is PluginState.READY]
         outbox: dict[Registration, list[Change]] = {r: [] for r in ready}
+        self._seq += 1
         for tp, records in batch.items():
             topic = tp.topic
             table = self._tables[topic]
@@ -510,11 +602,4 @@ class DataSync:
                         changes.append(change)
             self.metrics.table_keys.labels(topic).set(len(table))
         await self._dead_letters.send(ingest.take_rejected())
-        for reg in ready:
-            if outbox[reg] and reg in self._registrations:
-                if not await self._calls.change(reg, ChangeEvent(outbox[reg])):
-                    reg.diverged = True
-                    if getattr(reg.plugin, "resync_after_failed_change", False):
-                        log.warning("plugin %s: a change was skipped: full resync", reg.name)
-                        reg.status.state = PluginState.RESYNCING
-                        reg.due = time.monotonic()
+        await self._deliveries.put(self._seq, outbox)

@@ -67,13 +67,17 @@ class SyncSettings(BaseModel):
     """How the engine reads, retries and batches."""
 
     fetch_max_records: int = Field(default=5000, ge=1, description="records per CHANGE batch at most")
-    resync_max_attempts: int = Field(default=5, ge=1)
+    resync_max_attempts: int = Field(default=5, ge=1, description="failures in a row before a plugin is 'failed'")
     resync_backoff_s: float = Field(default=0.5, gt=0)
     resync_backoff_max_s: float = Field(default=30.0, gt=0)
     resync_timeout_s: float = Field(default=300.0, gt=0, description="time limit of one resync call")
     change_max_attempts: int = Field(default=3, ge=1)
     change_timeout_s: float = Field(default=30.0, gt=0, description="time limit of one change call")
     change_backoff_s: float = Field(default=0.1, ge=0)
+    plugin_queue_max_records: int = Field(default=50_000, ge=1, description="changes queued per plugin at most")
+    unhealthy_after_failed_s: float | None = Field(
+        default=None, gt=0, description="/healthz fails once a plugin has been 'failed' this long (None: never)"
+    )
     emit_identical_puts: bool = Field(default=False, description="deliver puts equal to the current value")
     create_topics: bool = Field(default=True, description="create declared topics that do not exist")
     broker_probe_s: float = Field(default=2.0, gt=0, description="how often broker reachability is checked")

@@ -10,7 +10,7 @@ from typing import Any
 class PluginState(enum.StrEnum):
     RESYNCING = "resyncing"  # waiting for (or running, or retrying) a full resync
     READY = "ready"  # resynced; receives changes
-    FAILED = "failed"  # resync retries exhausted; waits for the next full resync
+    FAILED = "failed"  # resync_max_attempts failures in a row; still retried, with capped backoff
 
 
 @dataclass
@@ -22,6 +22,9 @@ class PluginStatus:
     last_resync_seconds: float | None = None
     changes_applied: int = 0
     change_failures: int = 0
+    failed_since: float | None = None  # unix time the plugin entered FAILED
+    next_attempt_at: float | None = None  # unix time of the next start/resync attempt
+    queued: int = 0  # changes waiting for (or in) the plugin's current call
 
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)

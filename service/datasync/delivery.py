@@ -1,0 +1,208 @@
+"""Per-plugin delivery: each plugin's bounded queue of CHANGE batches and the task that hands them over.
+
+Each plugin gets its own queue and task, so a plugin that is slow or retrying
+holds back only itself and the plugins declared ``after`` it; a plugin waits
+until the plugins it comes after have handled (or skipped) every earlier batch.
+Queues are bounded in records: while one is full the engine does not fetch,
+so a slow plugin slows fetching down instead of filling memory.
+
+Resyncs stay in the engine task. ``pause()`` drops a plugin's queued batches
+(the resync covers them) and waits for its call in flight, so a plugin never
+handles a resync and a change at the same time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+
+from datasync.api import Change, ChangeEvent
+from datasync.calls import PluginCalls
+from datasync.registration import Registration
+from datasync.status import PluginState
+
+log = logging.getLogger("datasync")
+
+EVERYTHING = float("inf")
+
+
+class _Queue:
+    __slots__ = ("reg", "after", "items", "records", "current", "task")
+
+    def __init__(self, reg: Registration, after: Sequence[_Queue]) -> None:
+        self.reg = reg
+        self.after = after
+        self.items: deque[tuple[int, ChangeEvent]] = deque()
+        self.records = 0  # changes queued or in flight
+        self.current: int | None = None  # sequence number of the batch in flight
+        self.task: asyncio.Task[None] | None = None
+
+    def done_through(self) -> float:
+        """Every batch up to this sequence number has been handled (or skipped)."""
+        pending = [seq for seq in (self.current, self.items[0][0] if self.items else None) if seq is not None]
+        return min(pending) - 1 if pending else EVERYTHING
+
+
+class Deliveries:
+    """The queues and delivery tasks of every registered plugin."""
+
+    def __init__(
+        self,
+        calls: PluginCalls,
+        max_records: int,
+        on_step: Callable[[], Awaitable[None]],
+        on_skipped: Callable[[Registration], None],
+    ) -> None:
+        self._calls = calls
+        self._max_records = max_records
+        self._on_step = on_step  # after every delivered batch (progress, waiters)
+        self._on_skipped = on_skipped  # a batch failed every attempt and was skipped
+        self._queues: dict[Registration, _Queue] = {}
+        self._changed = asyncio.Event()  # replaced after each notification: see _notify
+        self._halted = False
+
+    def add(self, reg: Registration, after: Iterable[Registration] = ()) -> None:
+        """Give ``reg`` a queue; its batches wait for those of ``after`` (registered earlier)."""
+        self._queues[reg] = _Queue(reg, [self._queues[a] for a in after])
+        self._start(self._queues[reg])
+
+    def start(self) -> None:
+        self._halted = False
+        for queue in self._queues.values():
+            self._start(queue)
+
+    def _start(self, queue: _Queue) -> None:
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return  # registered before the loop runs: started by start()
+        if queue.task is None or queue.task.done():
+            queue.task = asyncio.create_task(self._deliver(queue), name=f"datasync-deliver-{queue.reg.name}")
+
+    def queued(self, reg: Registration) -> int:
+        """Changes queued or in flight for ``reg``."""
+        queue = self._queues.get(reg)
+        return 0 if queue is None else queue.records
+
+    def in_task(self, reg: Registration) -> bool:
+        """Whether the current task is ``reg``'s delivery task (a plugin calling from its handler)."""
+        queue = self._queues.get(reg)
+        return queue is not None and queue.task is asyncio.current_task()
+
+    def _notify(self) -> None:
+        """Wake every waiter; they re-check their condition (one event loop: no lock needed)."""
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    async def _wait_for(self, predicate: Callable[[], bool]) -> None:
+        while not predicate():
+            await self._changed.wait()
+
+    async def put(self, seq: int, batches: dict[Registration, list[Change]]) -> None:
+        """Queue batch ``seq`` for each plugin, then wait while a ready plugin's queue is over its bound."""
+        for reg, changes in batches.items():
+            queue = self._queues.get(reg)
+            if queue is not None and changes:
+                queue.items.append((seq, ChangeEvent(changes)))
+                queue.records += len(changes)
+        self._notify()
+        await self._wait_for(self._below_bound)
+
+    def _below_bound(self) -> bool:
+        limit = self._max_records
+        ready = PluginState.READY
+        return self._halted or all(q.records <= limit or q.reg.status.state is not ready for q in self._queues.values())
+
+    async def pause(self, reg: Registration) -> bool:
+        """Drop ``reg``'s queued batches and wait for its call in flight. True if any were dropped."""
+        queue = self._queues.get(reg)
+        if queue is None:
+            return False
+        dropped = self.drop(reg)
+        await self._wait_for(lambda: queue.current is None)
+        return dropped
+
+    def drop(self, reg: Registration, keep: Callable[[Change], bool] | None = None) -> bool:
+        """Drop ``reg``'s queued changes (those ``keep`` rejects, or all); True if any were dropped."""
+        queue = self._queues.get(reg)
+        if queue is None:
+            return False
+        before = queue.records
+        kept: deque[tuple[int, ChangeEvent]] = deque()
+        for seq, event in queue.items:
+            changes = [] if keep is None else [c for c in event.changes if keep(c)]
+            queue.records -= len(event.changes) - len(changes)
+            if changes:
+                kept.append((seq, ChangeEvent(changes)))
+        queue.items = kept
+        self._notify()
+        return queue.records < before
+
+    async def remove(self, reg: Registration) -> None:
+        """Stop delivering to ``reg``: drop its queue, let its call in flight end, end its task."""
+        queue = self._queues.get(reg)
+        if queue is None:
+            return
+        if queue.task is not asyncio.current_task():  # a plugin closing itself ends its own task afterwards
+            await self.pause(reg)
+            await _cancel(queue.task)
+        self._queues.pop(reg, None)
+        for other in self._queues.values():
+            other.after = [a for a in other.after if a is not queue]
+        self._notify()
+
+    def halt(self) -> None:
+        """No further plugin calls: drop every queue (the calls in flight may still end)."""
+        self._halted = True
+        for reg in self._queues:
+            self.drop(reg)
+
+    def calls_in_flight(self) -> list[Registration]:
+        return [q.reg for q in self._queues.values() if q.current is not None]
+
+    async def wait_idle(self) -> None:
+        await self._wait_for(lambda: all(q.current is None for q in self._queues.values()))
+
+    async def stop(self) -> None:
+        """Cancel every delivery task (after ``halt()`` and a bounded ``wait_idle()``)."""
+        for queue in self._queues.values():
+            await _cancel(queue.task)
+            queue.task = None
+
+    async def _deliver(self, queue: _Queue) -> None:
+        reg = queue.reg
+        while True:
+            await self._wait_for(lambda: self._due(queue) or self._queues.get(reg) is not queue)
+            if self._queues.get(reg) is not queue:
+                return  # removed while it was handling a batch (a plugin closing itself)
+            seq, event = queue.items.popleft()
+            queue.current = seq
+            try:
+                ok = await self._calls.change(reg, event)
+            finally:
+                queue.current = None
+                queue.records -= len(event.changes)
+                self._notify()
+            if not ok:
+                self._on_skipped(reg)
+                if reg.status.state is not PluginState.READY:  # it will be resynced: the queue is stale
+                    self.drop(reg)
+            await self._on_step()
+
+    def _due(self, queue: _Queue) -> bool:
+        if self._halted or not queue.items or queue.reg.status.state is not PluginState.READY:
+            return False
+        seq = queue.items[0][0]
+        return all(a.done_through() >= seq for a in queue.after)
+
+
+async def _cancel(task: asyncio.Task[None] | None) -> None:
+    if task is None or task.done():
+        return
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass
