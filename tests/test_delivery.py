@@ -52,6 +52,27 @@ async def test_a_stuck_plugin_holds_back_only_itself_and_its_dependants(
     assert engine.status()["stuck"].queued == 0
 
 
+async def test_a_plugin_that_fell_behind_gets_merged_batches(make_engine, producer: AIOKafkaProducer, topic: str):
+    engine = make_engine(topic, partitions=1)
+    stuck = Stuck("stuck")
+    engine.watch("stuck", stuck, {topic: [""]})
+    await engine.start()
+    async with asyncio.timeout(20):
+        await engine.wait_ready()
+    await put_all(producer, topic, [("a", "1")])
+    async with asyncio.timeout(10):
+        await stuck.entered.wait()
+    for key in "bcd":  # three batches queue up while the plugin is stuck
+        await put_all(producer, topic, [(key, key)])
+        async with asyncio.timeout(10):
+            await engine.wait_for(lambda k=key: k in engine.table(topic))
+    stuck.release.set()
+    async with asyncio.timeout(10):
+        await engine.wait_for(lambda: len(stuck.view) == 4)
+    assert stuck.journal == [("resync", "stuck"), ("change", "stuck"), ("change", "stuck")]
+    assert [c.key for c in stuck.changes] == ["a", "b", "c", "d"]
+
+
 async def test_a_full_queue_stops_fetching(make_engine, producer: AIOKafkaProducer, topic: str):
     engine = make_engine(topic, partitions=1, sync=FAST.model_copy(update={"plugin_queue_max_records": 1}))
     stuck, free = Stuck("stuck"), Recorder("free")

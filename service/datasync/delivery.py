@@ -3,6 +3,8 @@
 Each plugin gets its own queue and task, so a plugin that is slow or retrying
 holds back only itself and the plugins declared ``after`` it; a plugin waits
 until the plugins it comes after have handled (or skipped) every earlier batch.
+A plugin that fell behind gets its queued batches merged into fewer, larger
+CHANGE events (up to ``max_batch`` changes), so it catches up in fewer calls.
 Queues are bounded in records: while one is full the engine does not fetch,
 so a slow plugin slows fetching down instead of filling memory.
 
@@ -34,7 +36,7 @@ class _Queue:
     def __init__(self, reg: Registration, after: Sequence[_Queue]) -> None:
         self.reg = reg
         self.after = after
-        self.items: deque[tuple[int, ChangeEvent]] = deque()
+        self.items: deque[tuple[int, list[Change]]] = deque()  # (batch sequence number, changes)
         self.records = 0  # changes queued or in flight
         self.current: int | None = None  # sequence number of the batch in flight
         self.task: asyncio.Task[None] | None = None
@@ -52,11 +54,13 @@ class Deliveries:
         self,
         calls: PluginCalls,
         max_records: int,
+        max_batch: int,
         on_step: Callable[[], Awaitable[None]],
         on_skipped: Callable[[Registration], None],
     ) -> None:
         self._calls = calls
         self._max_records = max_records
+        self._max_batch = max_batch
         self._on_step = on_step  # after every delivered batch (progress, waiters)
         self._on_skipped = on_skipped  # a batch failed every attempt and was skipped
         self._queues: dict[Registration, _Queue] = {}
@@ -105,7 +109,7 @@ class Deliveries:
         for reg, changes in batches.items():
             queue = self._queues.get(reg)
             if queue is not None and changes:
-                queue.items.append((seq, ChangeEvent(changes)))
+                queue.items.append((seq, changes))
                 queue.records += len(changes)
         self._notify()
         await self._wait_for(self._below_bound)
@@ -130,12 +134,12 @@ class Deliveries:
         if queue is None:
             return False
         before = queue.records
-        kept: deque[tuple[int, ChangeEvent]] = deque()
-        for seq, event in queue.items:
-            changes = [] if keep is None else [c for c in event.changes if keep(c)]
-            queue.records -= len(event.changes) - len(changes)
-            if changes:
-                kept.append((seq, ChangeEvent(changes)))
+        kept: deque[tuple[int, list[Change]]] = deque()
+        for seq, changes in queue.items:
+            left = [] if keep is None else [c for c in changes if keep(c)]
+            queue.records -= len(changes) - len(left)
+            if left:
+                kept.append((seq, left))
         queue.items = kept
         self._notify()
         return queue.records < before
@@ -177,13 +181,13 @@ class Deliveries:
             await self._wait_for(lambda: self._due(queue) or self._queues.get(reg) is not queue)
             if self._queues.get(reg) is not queue:
                 return  # removed while it was handling a batch (a plugin closing itself)
-            seq, event = queue.items.popleft()
+            seq, changes = self._take(queue)
             queue.current = seq
             try:
-                ok = await self._calls.change(reg, event)
+                ok = await self._calls.change(reg, ChangeEvent(changes))
             finally:
                 queue.current = None
-                queue.records -= len(event.changes)
+                queue.records -= len(changes)
                 self._notify()
             if not ok:
                 self._on_skipped(reg)
@@ -194,8 +198,19 @@ class Deliveries:
     def _due(self, queue: _Queue) -> bool:
         if self._halted or not queue.items or queue.reg.status.state is not PluginState.READY:
             return False
-        seq = queue.items[0][0]
+        return self._after_done(queue, queue.items[0][0])
+
+    @staticmethod
+    def _after_done(queue: _Queue, seq: int) -> bool:
         return all(a.done_through() >= seq for a in queue.after)
+
+    def _take(self, queue: _Queue) -> tuple[int, list[Change]]:
+        """The first queued batch, merged with the due batches after it, up to ``max_batch`` changes."""
+        seq, changes = queue.items.popleft()
+        items = queue.items
+        while items and len(changes) + len(items[0][1]) <= self._max_batch and self._after_done(queue, items[0][0]):
+            changes.extend(items.popleft()[1])  # each queued list is this queue's own
+        return seq, changes
 
 
 async def _cancel(task: asyncio.Task[None] | None) -> None:

@@ -86,7 +86,9 @@ class DataSync:
         self._publishers: dict[str, Publisher] = {}
         self.publishing = Publishing(kafka, self.metrics)
         self._calls = PluginCalls(self.sync, self.metrics, self._progress)
-        self._deliveries = Deliveries(self._calls, self.sync.plugin_queue_max_records, self._step, self._skipped)
+        self._deliveries = Deliveries(
+            self._calls, self.sync.plugin_queue_max_records, self.sync.fetch_max_records, self._step, self._skipped
+        )
         self._seq = 0  # sequence number of the last fetched batch
         self._reader: TableReader | None = None
         self._dead_letters: DeadLetters | None = None
