@@ -4,9 +4,11 @@
   check [--broker]        validate topics/ and schemas/ (and, with --broker, the topics on the broker)
   topics create           create the declared topics that are missing
   dump TOPIC              read a topic to its end and print its state as JSON lines
-  publish TOPIC KEY JSON  encode a value with the topic's codec and produce it ('null' deletes)
+  publish TOPIC KEY VALUE encode a value with the topic's codec and produce it (--delete: a tombstone)
+  resync PLUGIN           ask the running service to resync one plugin (over its HTTP API)
 
-Exit status: 0 success, 1 runtime failure, 2 invalid settings or bindings.
+Exit status: 0 success, 1 runtime failure (broker unreachable, topic missing, ...), 2 invalid
+settings or bindings.
 """
 
 from __future__ import annotations
@@ -21,16 +23,19 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 from aiokafka import AIOKafkaProducer
 from pydantic import ValidationError
 
+from datasync import __version__
 from datasync.admin import COMPACTED_ON_DELETE, check_topics, missing_topics, prepare_topics
 from datasync.api import KeyValues
 from datasync.bindings import Bindings, Topic, load_bindings
 from datasync.engine import DataSync
-from datasync.errors import ConfigError, EncodeError
+from datasync.errors import ConfigError, EncodeError, TopicError
 from datasync.logs import setup_logging
 from datasync.settings import Settings, SyncSettings
+from datasync.startup import UNREACHABLE, GaveUp, Startup, connect_with_retry, reason
 from datasync.web import HttpServer
 
 EXIT_CONFIG = 2
@@ -43,11 +48,13 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--topics-dir", type=Path, help="bindings directory (DATASYNC_TOPICS_DIR, default topics)")
     common.add_argument("--schemas-dir", type=Path, help="Avro schemas (DATASYNC_SCHEMAS_DIR, default schemas)")
     common.add_argument("--bootstrap-servers", help="Kafka bootstrap servers (DATASYNC_KAFKA__BOOTSTRAP_SERVERS)")
-    common.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="DATASYNC_LOG_LEVEL")
+    common.add_argument("--log-level", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="DATASYNC_LOG_LEVEL (any case)")  # fmt: skip
     common.add_argument("--log-format", choices=["text", "json"], help="DATASYNC_LOG_FORMAT")
     parser = argparse.ArgumentParser(
         prog="datasync", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, parents=[common]
     )
+    parser.add_argument("--version", action="version", version=f"datasync {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = commands.add_parser("run", parents=[common], help="run the service on the bindings")
     run.add_argument("--http-port", type=int, help="HTTP port (DATASYNC_HTTP__PORT, default 8080)")
@@ -61,8 +68,18 @@ def _parser() -> argparse.ArgumentParser:
     publish = commands.add_parser("publish", parents=[common], help="encode and produce one value")
     publish.add_argument("topic")
     publish.add_argument("key")
-    publish.add_argument("value", help="the value as JSON ('null' writes a tombstone)")
+    publish.add_argument("value", nargs="?", help=VALUE_HELP)
+    publish.add_argument("--delete", action="store_true", help="write a tombstone (no VALUE)")
+    resync = commands.add_parser("resync", parents=[common], help="ask the running service to resync a plugin")
+    resync.add_argument("plugin")
+    resync.add_argument("--url", help="the service's HTTP address (default http://DATASYNC_HTTP__HOST:PORT)")
     return parser
+
+
+VALUE_HELP = (
+    "as `dump` prints it: JSON for json and avro topics ('null' writes a tombstone), "
+    "the text itself for string topics, base64 for bytes topics"
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,7 +91,11 @@ def main(argv: list[str] | None = None) -> int:
         field = "DATASYNC_" + "__".join(str(p) for p in err["loc"]).upper()
         print(f"datasync: invalid setting {field}: {err['msg']}", file=sys.stderr)
         return EXIT_CONFIG
-    setup_logging(settings.log_level, settings.log_format)
+    # One-shot commands report broker errors in one line of their own: the client's are noise there.
+    quiet = args.command != "run" and settings.log_level != "DEBUG"
+    setup_logging(settings.log_level, settings.log_format, logging.CRITICAL if quiet else None)
+    if args.command == "resync":
+        return asyncio.run(_resync(settings, args))
     # Plugin classes are named relative to the working directory (e.g. examples.demo:Interfaces).
     sys.path.insert(0, str(Path.cwd()))
     try:
@@ -95,6 +116,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"datasync: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    except (TopicError, GaveUp) as exc:
+        print(f"datasync: {exc}", file=sys.stderr)
+        return 1
+    except UNREACHABLE as exc:
+        print(f"datasync: broker at {settings.kafka.bootstrap_servers} unreachable: {reason(exc)}", file=sys.stderr)
+        return 1
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -128,31 +155,62 @@ def _topic(bindings: Bindings, name: str) -> Topic:
 
 
 async def _run(settings: Settings, bindings: Bindings, args: argparse.Namespace) -> int:
-    problems = await check_topics(settings.kafka, [t.spec for t in bindings.topics.values()])
-    fatal = [p for p in problems if p.endswith(COMPACTED_ON_DELETE)]
-    for problem in problems:
-        log.log(logging.ERROR if problem in fatal else logging.WARNING, "%s", problem)
-    if fatal:
-        return EXIT_CONFIG
+    """Serve HTTP at once, connect (retrying while the broker is away), run until SIGTERM/SIGINT."""
     engine = DataSync.from_bindings(bindings, settings.kafka, settings.sync)
-    http = HttpServer(engine, settings.http) if settings.http.enabled else None
+    startup = Startup()
+    http = HttpServer(engine, settings.http, startup) if settings.http.enabled else None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    try:
-        await engine.start()
-        if http is not None:
+    if http is not None:
+        try:
             await http.start()
-            log.info("HTTP on %s:%d (/metrics /healthz /readyz /v1/status)", settings.http.host, http.port)
-        await stop.wait()
+        except OSError as exc:
+            where = f"{settings.http.host}:{settings.http.port}"
+            print(f"datasync: cannot serve HTTP on {where}: {exc.strerror or exc}", file=sys.stderr)
+            return 1
+    _summary(settings, bindings, http)
+
+    async def connect() -> None:
+        problems = await check_topics(settings.kafka, [t.spec for t in bindings.topics.values()])
+        fatal = [p for p in problems if p.endswith(COMPACTED_ON_DELETE)]
+        for problem in problems:
+            if problem not in fatal:
+                log.warning("%s", problem)
+        if fatal:
+            raise ConfigError(str(settings.topics_dir), "", "; ".join(fatal))
+        await engine.start()
+
+    try:
+        if await connect_with_retry(connect, settings.kafka, startup, stop):
+            startup.starting = False
+            log.info("connected to %s", settings.kafka.bootstrap_servers)
+            await stop.wait()
     finally:
+        startup.starting = False
         log.info("shutting down")
         if http is not None:
             await http.stop()
         await engine.stop()
     log.info("stopped")
     return 0
+
+
+def _summary(settings: Settings, bindings: Bindings, http: HttpServer | None) -> None:
+    """One line telling an operator what this process is about to do."""
+    served = "off"
+    if http is not None:
+        writes = "on" if settings.http.writes_enabled else "off"
+        served = f"{settings.http.host}:{http.port} (/metrics /healthz /readyz /v1/status; writes {writes})"
+    log.info(
+        "datasync %s: brokers %s; topics %s; plugins in resync order %s; HTTP %s",
+        __version__,
+        settings.kafka.bootstrap_servers,
+        ", ".join(bindings.topics) or "none",
+        ", ".join(p.spec.name for p in bindings.plugins) or "none",
+        served,
+    )
 
 
 async def _check_broker(settings: Settings, bindings: Bindings, args: argparse.Namespace) -> int:
@@ -204,23 +262,62 @@ def _jsonable(value: object) -> object:
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
-async def _publish(settings: Settings, bindings: Bindings, args: argparse.Namespace) -> int:
-    topic = _topic(bindings, args.topic)
+def _parse_value(codec_spec: str, text: str) -> Any:
+    """The VALUE argument in the form `dump` prints it for this codec."""
+    if codec_spec == "string":
+        return text
+    if codec_spec == "bytes":
+        try:
+            return base64.b64decode(text, validate=True)
+        except ValueError as exc:
+            raise ConfigError("VALUE", "", f"not base64 (bytes topics take base64): {exc}") from exc
     try:
-        value = json.loads(args.value)
+        return json.loads(text)
     except json.JSONDecodeError as exc:
         raise ConfigError("VALUE", "", f"not JSON: {exc}") from exc
+
+
+async def _publish(settings: Settings, bindings: Bindings, args: argparse.Namespace) -> int:
+    topic = _topic(bindings, args.topic)
+    if args.delete == (args.value is not None):
+        raise ConfigError("VALUE", "", "give either a VALUE or --delete")
+    value = None if args.delete else _parse_value(topic.codec.spec, args.value)
     try:
         raw = None if value is None else topic.codec.encode(value)
     except EncodeError as exc:
         raise ConfigError("VALUE", "", str(exc)) from exc
+    # The producer would wait for a missing topic's metadata for a whole request time-out.
+    if await missing_topics(settings.kafka, [topic.spec.name]):
+        raise TopicError(f"topic {topic.spec.name} does not exist on the broker (`datasync topics create`)")
     producer = AIOKafkaProducer(**settings.kafka.client_options(), acks="all", enable_idempotence=True)
-    await producer.start()
     try:
+        await producer.start()
         meta = await producer.send_and_wait(topic.spec.name, raw, key=args.key.encode())
     finally:
         await producer.stop()
     print(f"{'deleted' if raw is None else 'put'} {args.key} -> {meta.topic}/{meta.partition}@{meta.offset}")
+    return 0
+
+
+async def _resync(settings: Settings, args: argparse.Namespace) -> int:
+    """POST /v1/plugins/{name}/resync to the running service, with the bearer token."""
+    base = args.url or f"http://{settings.http.host}:{settings.http.port}"
+    url = f"{base.rstrip('/')}/v1/plugins/{args.plugin}/resync"
+    headers = {}
+    if settings.http.token is not None:
+        headers["Authorization"] = f"Bearer {settings.http.token.get_secret_value()}"
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+            async with session.post(url, headers=headers) as response:
+                body = await response.json(content_type=None)
+    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+        print(f"datasync: no answer from {base}: {exc!r}", file=sys.stderr)
+        return 1
+    if response.status != 202:
+        error = body.get("error", body) if isinstance(body, dict) else body
+        print(f"datasync: {url}: {response.status} {error}", file=sys.stderr)
+        return 1
+    print(f"resync of {args.plugin} requested")
     return 0
 
 

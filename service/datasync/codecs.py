@@ -15,6 +15,7 @@ from typing import Any, Protocol
 from fastavro import schemaless_reader, schemaless_writer
 from fastavro.validation import validate
 
+from datasync.conform import conform
 from datasync.errors import DecodeError, EncodeError
 from datasync.schemas import Schema, SchemaStore
 
@@ -75,7 +76,8 @@ class JsonCodec:
         return value
 
     def encode(self, value: Any) -> bytes:
-        self._check(value, EncodeError)
+        if self.schema is not None:
+            conform(value, self.schema)
         try:
             return json.dumps(value, separators=(",", ":")).encode()
         except (TypeError, ValueError) as exc:
@@ -121,10 +123,7 @@ class AvroCodec:
         schema = schema or self.reader
         if schema is None:
             raise EncodeError("this topic accepts any known Avro schema: name the one to write")
-        try:
-            validate(value, schema.parsed, raise_errors=True)
-        except Exception as exc:
-            raise EncodeError(f"does not match {schema.fullname}: {exc}") from exc
+        conform(value, schema)
         stream = BytesIO()
         stream.write(MAGIC)
         stream.write(schema.fingerprint)

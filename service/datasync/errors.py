@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 
 class ConfigError(Exception):
     """Bindings, schemas or settings are invalid. Names the file and the field."""
@@ -19,7 +21,14 @@ class DecodeError(ValueError):
 
 
 class EncodeError(ValueError):
-    """A value does not fit the codec (for example it does not match the Avro schema)."""
+    """A value does not fit the codec (for example it does not match the Avro schema).
+
+    ``fields`` names the offending fields of the value (``ip_addresses[1]``), if any.
+    """
+
+    def __init__(self, message: str, fields: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.fields = list(fields)
 
 
 class TopicError(Exception):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, SecretStr, model_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -23,6 +23,10 @@ class KafkaSettings(BaseModel):
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
     sasl_username: str | None = None
     sasl_password: SecretStr | None = None
+    connect_backoff_max_s: float = Field(default=30.0, gt=0, description="longest wait between start-up attempts")
+    connect_give_up_s: float | None = Field(
+        default=None, ge=0, description="`run` exits 1 when the broker stays unreachable this long; None: never"
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> KafkaSettings:
@@ -118,3 +122,8 @@ class Settings(BaseSettings):
     schemas_dir: Path = Path("schemas")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["text", "json"] = "text"
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _any_case(cls, level: object) -> object:
+        return level.upper() if isinstance(level, str) else level

@@ -23,16 +23,19 @@ from datasync.engine import DataSync
 from datasync.errors import EncodeError
 from datasync.publish import PublishError
 from datasync.settings import HttpSettings
+from datasync.startup import Startup
 from datasync.status import PluginState
 
 ENGINE: web.AppKey[DataSync] = web.AppKey("engine", DataSync)
 SETTINGS: web.AppKey[HttpSettings] = web.AppKey("settings", HttpSettings)
+STARTUP: web.AppKey[Startup] = web.AppKey("startup", Startup)
 
 
-def build_app(engine: DataSync, settings: HttpSettings) -> web.Application:
+def build_app(engine: DataSync, settings: HttpSettings, startup: Startup | None = None) -> web.Application:
     app = web.Application(client_max_size=settings.max_body_bytes)
     app[ENGINE] = engine
     app[SETTINGS] = settings
+    app[STARTUP] = startup or Startup(starting=False)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
@@ -40,6 +43,7 @@ def build_app(engine: DataSync, settings: HttpSettings) -> web.Application:
     app.router.add_get(KEY_PATH, get_key)
     app.router.add_put(KEY_PATH, put_key)
     app.router.add_delete(KEY_PATH, delete_key)
+    app.router.add_post("/v1/plugins/{name}/resync", resync_plugin)
     return app
 
 
@@ -48,6 +52,17 @@ KEY_PATH = "/v1/topics/{topic}/keys/{key:.+}"
 
 def _error(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
+
+
+def _unauthorised(request: web.Request) -> web.Response | None:
+    """403 without a configured token, 401 unless the request carries it; None if authorised."""
+    token = request.app[SETTINGS].token
+    if token is None:
+        return _error(403, "no DATASYNC_HTTP__TOKEN configured")
+    expected = f"Bearer {token.get_secret_value()}".encode()
+    if not hmac.compare_digest(request.headers.get("Authorization", "").encode(), expected):
+        return _error(401, "missing or wrong bearer token")
+    return None
 
 
 async def get_key(request: web.Request) -> web.Response:
@@ -78,11 +93,10 @@ async def delete_key(request: web.Request) -> web.Response:
 
 async def _write(request: web.Request, delete: bool) -> web.Response:
     engine, settings = request.app[ENGINE], request.app[SETTINGS]
-    if not settings.writes_enabled or settings.token is None:
+    if not settings.writes_enabled:
         return _error(403, "writes are disabled (DATASYNC_HTTP__WRITES_ENABLED)")
-    expected = f"Bearer {settings.token.get_secret_value()}".encode()
-    if not hmac.compare_digest(request.headers.get("Authorization", "").encode(), expected):
-        return _error(401, "missing or wrong bearer token")
+    if (refused := _unauthorised(request)) is not None:
+        return refused
     topic, key = request.match_info["topic"], request.match_info["key"]
     codec = engine.codec(topic)
     if codec is None:
@@ -98,7 +112,7 @@ async def _write(request: web.Request, delete: bool) -> web.Response:
         try:
             raw = codec.encode(value)
         except EncodeError as exc:
-            return _error(422, str(exc))
+            return web.json_response({"error": str(exc), "fields": exc.fields}, status=422)
     try:
         [delivery] = await engine.publishing.send_many("http", topic, [(key.encode(), raw)])
     except PublishError as exc:
@@ -112,18 +126,49 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
+async def resync_plugin(request: web.Request) -> web.Response:
+    """An operator's request to resync one plugin now (for example after its dependency is back)."""
+    if (refused := _unauthorised(request)) is not None:
+        return refused
+    name = request.match_info["name"]
+    try:
+        request.app[ENGINE].request_plugin_resync(name)
+    except KeyError:
+        return _error(404, f"no plugin named {name!r}")
+    return web.json_response({"plugin": name, "resync": "requested"}, status=202)
+
+
 async def healthz(request: web.Request) -> web.Response:
-    engine, settings = request.app[ENGINE], request.app[SETTINGS]
+    engine, settings, startup = request.app[ENGINE], request.app[SETTINGS], request.app[STARTUP]
     if not engine.running:
+        if startup.starting:  # alive, waiting for the broker: restarting would not help
+            return web.json_response({"status": "starting", "reason": startup.waiting or "connecting"})
         return web.json_response({"status": "down", "reason": "engine task is not running"}, status=503)
+    if (failed := _failed_too_long(engine)) is not None:
+        return web.json_response({"status": "failed", "reason": failed}, status=503)
     stuck = time.monotonic() - engine.last_step
     if stuck > settings.wedged_after_s:
         return web.json_response({"status": "wedged", "reason": f"no engine progress for {stuck:.0f}s"}, status=503)
     return web.json_response({"status": "ok"})
 
 
+def _failed_too_long(engine: DataSync) -> str | None:
+    """Why a plugin failed for longer than ``unhealthy_after_failed_s`` (a restart may cure it), or None."""
+    limit = engine.sync.unhealthy_after_failed_s
+    if limit is None:
+        return None
+    now = time.time()
+    for name, st in engine.status().items():
+        if st.failed_since is not None and now - st.failed_since > limit:
+            return f"plugin {name} failed for {now - st.failed_since:.0f}s: {st.last_error}"
+    return None
+
+
 async def readyz(request: web.Request) -> web.Response:
-    engine = request.app[ENGINE]
+    engine, startup = request.app[ENGINE], request.app[STARTUP]
+    if not engine.running and startup.starting:
+        body = {"ready": False, "starting": startup.waiting or "connecting to the broker"}
+        return web.json_response(body, status=503)
     waiting: dict[str, Any] = {
         name: {"state": st.state.value, "last_error": st.last_error}
         for name, st in engine.status().items()
@@ -157,15 +202,19 @@ async def status(request: web.Request) -> web.Response:
 class HttpServer:
     """Owns the aiohttp runner; ``port`` is the bound port (useful with port 0)."""
 
-    def __init__(self, engine: DataSync, settings: HttpSettings) -> None:
-        self._runner = web.AppRunner(build_app(engine, settings), access_log=None)
+    def __init__(self, engine: DataSync, settings: HttpSettings, startup: Startup | None = None) -> None:
+        self._runner = web.AppRunner(build_app(engine, settings, startup), access_log=None)
         self._settings = settings
         self.port = settings.port
 
     async def start(self) -> None:
         await self._runner.setup()
         site = web.TCPSite(self._runner, self._settings.host, self._settings.port)
-        await site.start()
+        try:
+            await site.start()
+        except BaseException:  # e.g. the port is taken: leave nothing behind
+            await self._runner.cleanup()
+            raise
         self.port = self._runner.addresses[0][1]
 
     async def stop(self) -> None:
