@@ -7,12 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
+import uuid
 
-from datasync import ChangeEvent, DataSync, Plugin, ResyncEvent
-from datasync.bindings import TopicSpec
-from datasync.codecs import JsonCodec
-from datasync.settings import KafkaSettings
+from datasync import ChangeEvent, DataSync, JsonCodec, KafkaSettings, Plugin, ResyncEvent, TopicSpec
 
 
 class Interfaces(Plugin):
@@ -30,12 +27,16 @@ async def main() -> None:
     out = engine.add_publisher("config", "demo.config")
     registration = engine.watch("interfaces", Interfaces(), {"demo.config": ["config/interfaces/"]})
     await engine.start()  # creates missing topics, then resyncs and streams in the background
-    await engine.wait_ready()  # every plugin resynced
-    await out.put("config/interfaces/eth0", {"mtu": 1500 + int(time.time()) % 7000})  # a new value each run
-    await engine.wait_for(lambda: engine.status()["interfaces"].changes_applied > 0)
-    print(engine.status())
-    await registration.close()
-    await engine.stop()
+    try:
+        async with asyncio.timeout(60):  # never hang, whatever the broker does
+            await engine.wait_ready()  # every plugin resynced
+            # A value no earlier run wrote: a put equal to the current value is no change.
+            await out.put("config/interfaces/eth0", {"mtu": 9000, "run": uuid.uuid4().hex})
+            await engine.wait_for(lambda: engine.status()["interfaces"].changes_applied > 0)
+        print(engine.status())
+        await registration.close()
+    finally:
+        await engine.stop()
 
 
 if __name__ == "__main__":

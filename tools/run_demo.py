@@ -79,7 +79,8 @@ async def main() -> int:
         print("no DATASYNC_KAFKA__BOOTSTRAP_SERVERS: starting a local Kafka broker...", flush=True)
         broker = await asyncio.to_thread(LocalBroker().start)
         bootstrap = broker.bootstrap
-        print(f"local broker on {bootstrap}", flush=True)
+        print(f"local broker on {bootstrap}; to use the CLI against it:", flush=True)
+    print(f"export DATASYNC_KAFKA__BOOTSTRAP_SERVERS={bootstrap}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -18,6 +18,7 @@ log = logging.getLogger(__name__)
 UNKNOWN_TOPIC = 3  # Kafka error code UNKNOWN_TOPIC_OR_PARTITION
 # The one mismatch the service refuses to run with: old values would never be compacted away.
 COMPACTED_ON_DELETE = " (a state topic must be compacted)"
+DOES_NOT_EXIST = ": does not exist"
 
 
 def topic_configs(spec: TopicSpec) -> dict[str, str]:
@@ -99,7 +100,7 @@ async def check_topics(kafka: KafkaSettings, specs: list[TopicSpec]) -> list[str
         policies = await _cleanup_policies(admin, [s.name for s in present])
     finally:
         await admin.close()
-    problems = [f"topic {s.name}: does not exist" for s in specs if s.name not in partitions]
+    problems = [f"topic {s.name}{DOES_NOT_EXIST}" for s in specs if s.name not in partitions]
     for s in present:
         if partitions[s.name] != s.partitions:
             problems.append(f"topic {s.name}: has {partitions[s.name]} partitions, declared {s.partitions}")

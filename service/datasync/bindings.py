@@ -1,13 +1,15 @@
 """Topic-to-plugin bindings: the YAML files under ``topics/``, validated before connecting.
 
-Files are read in name order; plugins resync in the order they are declared
+Files (also in sub-directories) are read in path order; plugins resync in the order they are declared
 (file by file). Every error names the file and the field.
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -108,7 +110,7 @@ class Bindings:
 def load_bindings(topics_dir: Path, schemas_dir: Path) -> Bindings:
     """Read, validate and resolve every binding file. Raises ConfigError."""
     schemas = SchemaStore.load(schemas_dir)
-    files = sorted(topics_dir.glob("*.y*ml")) if topics_dir.is_dir() else []
+    files = sorted(topics_dir.rglob("*.y*ml")) if topics_dir.is_dir() else []  # sub-directories too
     if not files:
         raise ConfigError(str(topics_dir), "", "no bindings (*.yaml) found")
     topics: dict[str, Topic] = {}
@@ -167,6 +169,17 @@ def load_bindings(topics_dir: Path, schemas_dir: Path) -> Bindings:
                 factory = import_plugin(plugin.class_)
             except ValueError as exc:
                 raise ConfigError(source, f"{where}.class", str(exc)) from exc
+            context = {
+                "publishers": {name: pub.topic for name, pub in publishers.items()},
+                "watches": {w.topic: w.prefixes for w in plugin.watch},
+            }
+            try:
+                validate_plugin_settings(factory, plugin.settings, context)
+            except ValidationError as exc:
+                err = exc.errors()[0]
+                loc = _loc(err["loc"])
+                message = err["msg"].removeprefix("Value error, ")
+                raise ConfigError(source, f"{where}.settings" + (f".{loc}" if loc else ""), message) from exc
             plugins.append(PluginBinding(plugin, factory, source, where))
     return Bindings(topics, publishers, plugins, schemas)
 
@@ -185,7 +198,33 @@ def import_plugin(path: str) -> type:
             raise ValueError(f"module {module_name!r} has no attribute {attr!r}")
     if not isinstance(obj, type) or not all(callable(getattr(obj, m, None)) for m in ("resync", "change")):
         raise ValueError(f"{path!r} is not a plugin class (needs async resync() and change())")
+    for method in ("resync", "change", "start", "stop"):
+        if hasattr(obj, method) and not inspect.iscoroutinefunction(getattr(obj, method)):
+            raise ValueError(f"{path}.{method} must be a coroutine function (async def)")
+    try:
+        needed = [
+            p.name
+            for p in inspect.signature(obj).parameters.values()
+            if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+        ]
+    except (TypeError, ValueError):  # no signature to inspect (a C type): creating it will tell
+        needed = []
+    if needed:
+        raise ValueError(f"{path} cannot be created without arguments (needs {', '.join(needed)}); use settings")
+    model = getattr(obj, "Settings", None)
+    if model is not None and not (isinstance(model, type) and issubclass(model, BaseModel)):
+        raise ValueError(f"{path}.Settings must be a pydantic model class")
     return obj
+
+
+def validate_plugin_settings(plugin: type, settings: Mapping[str, Any], context: Mapping[str, Any]) -> Any:
+    """Validate ``settings`` with the plugin class's ``Settings`` model, if it declares one.
+
+    The model gets ``context``: ``publishers`` (name -> topic) and ``watches``
+    (topic -> prefixes), for checks across the bindings. Raises ValidationError.
+    """
+    model = getattr(plugin, "Settings", None)
+    return None if model is None else model.model_validate(dict(settings), context=dict(context))
 
 
 def _read(path: Path) -> BindingsFile:

@@ -28,6 +28,7 @@ from contextlib import aclosing
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from datasync.admin import prepare_topics
 from datasync.api import Change, ChangeEvent, Plugin, PluginContext, Replay, ResyncEvent
@@ -38,23 +39,49 @@ from datasync.settings import KafkaSettings
 Partition = tuple[str, int]
 
 
+class ChangefeedSettings(BaseModel):
+    """The changefeed's ``settings:``; validated by ``check`` and ``run`` before connecting."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    publisher: str = Field(description="the publisher whose topic receives the envelopes")
+    tombstones: bool = Field(default=True, description="a tombstone after each 'd' envelope")
+    snapshot: bool = Field(default=False, description="on the very first start, 'r' for every existing key")
+    checkpoint_topic: str | None = Field(default=None, description="default <outbound topic>.checkpoints")
+    transactional_id: str | None = Field(default=None, description="default datasync-changefeed-<plugin name>")
+
+    @field_validator("publisher")
+    @classmethod
+    def _publisher_fits(cls, publisher: str, info: ValidationInfo) -> str:
+        context = info.context or {}
+        publishers: dict[str, str] = context.get("publishers", {})
+        if "publishers" in context and publisher not in publishers:
+            raise ValueError(f"unknown publisher {publisher!r} (declared: {', '.join(publishers) or 'none'})")
+        topic = publishers.get(publisher)
+        if topic is not None and topic in context.get("watches", {}):
+            raise ValueError(f"{publisher!r} writes to {topic}, which this feed watches (it would feed on itself)")
+        return publisher
+
+
 class Changefeed(Plugin):
     resync_after_failed_change = True  # a skipped change would be a gap: catch up through a resync instead
+    Settings = ChangefeedSettings
 
     async def start(self, ctx: PluginContext) -> None:
-        settings = ctx.settings
+        context = {"publishers": {n: p.topic for n, p in ctx.publishers.items()}, "watches": ctx.watches}
+        settings = ChangefeedSettings.model_validate(dict(ctx.settings), context=context)
         self.log = ctx.logger
-        self.out: Publisher = ctx.publisher(settings["publisher"])
-        self.tombstones = bool(settings.get("tombstones", True))
-        self.snapshot = bool(settings.get("snapshot", False))
+        self.out: Publisher = ctx.publisher(settings.publisher)
+        self.tombstones = settings.tombstones
+        self.snapshot = settings.snapshot
         self.kafka: KafkaSettings = ctx.kafka
         assert ctx.replay is not None, "the changefeed needs the engine's replay"
         self.replay: Replay = ctx.replay
         self.watches = {topic: tuple(prefixes) for topic, prefixes in ctx.watches.items()}
-        self.checkpoint_topic = settings.get("checkpoint_topic", f"{self.out.topic}.checkpoints")
+        self.checkpoint_topic = settings.checkpoint_topic or f"{self.out.topic}.checkpoints"
         spec = TopicSpec(name=self.checkpoint_topic, partitions=1, compacted=True)
         await prepare_topics(self.kafka, [spec], create=True)
-        transactional_id = settings.get("transactional_id", f"datasync-changefeed-{ctx.name}")
+        transactional_id = settings.transactional_id or f"datasync-changefeed-{ctx.name}"
         # Starting a producer with this id fences an older incarnation and aborts its open transaction.
         self.producer = AIOKafkaProducer(**self.kafka.client_options(), transactional_id=transactional_id)
         await self.producer.start()

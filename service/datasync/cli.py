@@ -18,6 +18,7 @@ import asyncio
 import base64
 import json
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -28,7 +29,7 @@ from aiokafka import AIOKafkaProducer
 from pydantic import ValidationError
 
 from datasync import __version__
-from datasync.admin import COMPACTED_ON_DELETE, check_topics, missing_topics, prepare_topics
+from datasync.admin import COMPACTED_ON_DELETE, DOES_NOT_EXIST, check_topics, missing_topics, prepare_topics
 from datasync.api import KeyValues
 from datasync.bindings import Bindings, Topic, load_bindings
 from datasync.engine import DataSync
@@ -168,7 +169,8 @@ async def _run(settings: Settings, bindings: Bindings, args: argparse.Namespace)
             await http.start()
         except OSError as exc:
             where = f"{settings.http.host}:{settings.http.port}"
-            print(f"datasync: cannot serve HTTP on {where}: {exc.strerror or exc}", file=sys.stderr)
+            why = os.strerror(exc.errno) if exc.errno else str(exc)
+            print(f"datasync: cannot serve HTTP on {where}: {why}", file=sys.stderr)
             return 1
     _summary(settings, bindings, http)
 
@@ -176,8 +178,8 @@ async def _run(settings: Settings, bindings: Bindings, args: argparse.Namespace)
         problems = await check_topics(settings.kafka, [t.spec for t in bindings.topics.values()])
         fatal = [p for p in problems if p.endswith(COMPACTED_ON_DELETE)]
         for problem in problems:
-            if problem not in fatal:
-                log.warning("%s", problem)
+            if problem not in fatal and not (settings.sync.create_topics and problem.endswith(DOES_NOT_EXIST)):
+                log.warning("%s", problem)  # a missing topic is about to be created: no warning for that
         if fatal:
             raise ConfigError(str(settings.topics_dir), "", "; ".join(fatal))
         await engine.start()

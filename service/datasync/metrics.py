@@ -7,12 +7,14 @@ partitions, plugins, publishers) and by small fixed vocabularies.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
 
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = r = registry or CollectorRegistry()
+        # process_resident_memory_bytes, process_cpu_seconds_total, process_open_fds... (Linux)
+        ProcessCollector(registry=r)
         self.records = Counter("datasync_records_consumed", "Records read from table topics", ["topic"], registry=r)
         self.bad_records = Counter(
             "datasync_bad_records",
