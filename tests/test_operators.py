@@ -19,6 +19,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ from datasync.metrics import Metrics
 from datasync.settings import HttpSettings
 from datasync.web import HttpServer
 
+from localkafka import LocalBroker
 from recorder import Recorder
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -493,3 +495,36 @@ def test_embedded_example_runs_twice_in_a_row(bootstrap: str) -> None:
                                      "PYTHONPATH": str(ROOT)}, timeout=90)  # fmt: skip
         assert result.returncode == 0, result.stderr
         assert "change: put config/interfaces/eth0" in result.stdout
+
+
+# -- item 8: log floods during an outage -------------------------------------------
+
+
+@pytest.fixture
+def own_broker() -> Iterator[LocalBroker]:
+    broker = LocalBroker().start()
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
+def test_a_broker_outage_logs_state_changes_not_a_flood(tmp_path: Path, own_broker: LocalBroker, topic: str) -> None:
+    project = recorder_project(tmp_path, topic)
+    service = Service(project, own_broker.bootstrap, free_port(), DATASYNC_LOG_FORMAT="json",
+                      DATASYNC_SYNC__BROKER_PROBE_S="0.5", DATASYNC_KAFKA__REQUEST_TIMEOUT_MS="5000")  # fmt: skip
+    try:
+        service.wait_for("plugin rec: resynced")
+        before = len(service.lines)
+        own_broker.stop(keep_data=True)
+        service.wait_for(f"broker at {own_broker.bootstrap} lost (3 probes failed); probing every 0.5s")
+        time.sleep(8)  # the outage goes on
+        own_broker.start()
+        service.wait_for(f"broker at {own_broker.bootstrap} regained: full resync")
+        outage = [json.loads(line) for line in service.lines[before:]]
+        assert service.stop() == 0
+    finally:
+        service.kill()
+    client = [e for e in outage if e["logger"].startswith("aiokafka")]
+    assert len(client) <= 10, [e["message"] for e in client]  # each of the client's messages once
+    assert len({e["message"] for e in client}) == len(client)

@@ -387,11 +387,13 @@ class DataSync:
                 if up != self.broker_connected:
                     self.broker_connected = up
                     self.metrics.broker_up.set(1 if up else 0)
+                    servers = self.kafka.bootstrap_servers
                     if up:
-                        log.warning("broker connection regained: full resync")
+                        log.warning("broker at %s regained: full resync", servers)
                         self.request_resync("broker connection regained")
                     else:
-                        log.error("broker connection lost (%d probes failed)", failures)
+                        log.error("broker at %s lost (%d probes failed); probing every %gs",
+                                  servers, failures, self.sync.broker_probe_s)  # fmt: skip
                     await self._notify()
                 for tp, n in (await self._lag(timeout_s=self.sync.broker_probe_s)).items():
                     self.metrics.lag.labels(tp.topic, str(tp.partition)).set(n)
