@@ -36,6 +36,16 @@ def bootstrap() -> Iterator[str]:
 
 
 @pytest.fixture
+def own_broker() -> Iterator[LocalBroker]:
+    """A broker of this test's own, which the test may stop and start."""
+    broker = LocalBroker().start()
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
+@pytest.fixture
 def topic() -> str:
     return f"t-{uuid.uuid4().hex[:10]}"
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -23,16 +23,6 @@ from localkafka import LocalBroker
 from recorder import Recorder
 
 QUICK = SyncSettings(broker_probe_s=0.5, resync_backoff_s=0.2, change_backoff_s=0.01, change_timeout_s=5)
-
-
-@pytest.fixture
-def own_broker() -> Iterator[LocalBroker]:
-    """A broker of this test's own, which the test may stop and start."""
-    broker = LocalBroker().start()
-    try:
-        yield broker
-    finally:
-        broker.stop()
 
 
 async def test_broker_lost_and_regained(own_broker: LocalBroker, topic: str) -> None:

@@ -19,7 +19,6 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -498,15 +497,6 @@ def test_embedded_example_runs_twice_in_a_row(bootstrap: str) -> None:
 
 
 # -- item 8: log floods during an outage -------------------------------------------
-
-
-@pytest.fixture
-def own_broker() -> Iterator[LocalBroker]:
-    broker = LocalBroker().start()
-    try:
-        yield broker
-    finally:
-        broker.stop()
 
 
 def test_a_broker_outage_logs_state_changes_not_a_flood(tmp_path: Path, own_broker: LocalBroker, topic: str) -> None:
