@@ -155,6 +155,12 @@ def _topic(bindings: Bindings, name: str) -> Topic:
     return bindings.topics[name]
 
 
+async def _require(settings: Settings, topic: Topic) -> None:
+    """Fail fast on a topic missing from the broker (a producer would wait a whole request time-out)."""
+    if await missing_topics(settings.kafka, [topic.spec.name]):
+        raise TopicError(f"topic {topic.spec.name} does not exist on the broker (`datasync topics create`)")
+
+
 async def _run(settings: Settings, bindings: Bindings, args: argparse.Namespace) -> int:
     """Serve HTTP at once, connect (retrying while the broker is away), run until SIGTERM/SIGINT."""
     engine = DataSync.from_bindings(bindings, settings.kafka, settings.sync)
@@ -235,6 +241,7 @@ async def _create_topics(settings: Settings, bindings: Bindings, args: argparse.
 
 async def _dump(settings: Settings, bindings: Bindings, args: argparse.Namespace) -> int:
     topic = _topic(bindings, args.topic)
+    await _require(settings, topic)
     engine = DataSync(settings.kafka, SyncSettings(create_topics=False))
     engine.add_topic(topic.spec, topic.codec)
     await engine.start()
@@ -288,9 +295,7 @@ async def _publish(settings: Settings, bindings: Bindings, args: argparse.Namesp
         raw = None if value is None else topic.codec.encode(value)
     except EncodeError as exc:
         raise ConfigError("VALUE", "", str(exc)) from exc
-    # The producer would wait for a missing topic's metadata for a whole request time-out.
-    if await missing_topics(settings.kafka, [topic.spec.name]):
-        raise TopicError(f"topic {topic.spec.name} does not exist on the broker (`datasync topics create`)")
+    await _require(settings, topic)
     producer = AIOKafkaProducer(**settings.kafka.client_options(), acks="all", enable_idempotence=True)
     try:
         await producer.start()

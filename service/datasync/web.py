@@ -67,6 +67,8 @@ def _unauthorised(request: web.Request) -> web.Response | None:
 
 async def get_key(request: web.Request) -> web.Response:
     engine, topic, key = request.app[ENGINE], request.match_info["topic"], request.match_info["key"]
+    if not engine.running:
+        return _error(503, "the engine is not running (starting, or stopped): no tables to read")
     if engine.rebuilding:
         return _error(503, "the tables are being rebuilt (full resync); try again shortly")
     codec = engine.codec(topic)
