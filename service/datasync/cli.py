@@ -23,6 +23,7 @@ import signal
 import sys
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 from aiokafka import AIOKafkaProducer
@@ -309,7 +310,7 @@ async def _publish(settings: Settings, bindings: Bindings, args: argparse.Namesp
 async def _resync(settings: Settings, args: argparse.Namespace) -> int:
     """POST /v1/plugins/{name}/resync to the running service, with the bearer token."""
     base = args.url or f"http://{settings.http.host}:{settings.http.port}"
-    url = f"{base.rstrip('/')}/v1/plugins/{args.plugin}/resync"
+    url = f"{base.rstrip('/')}/v1/plugins/{quote(args.plugin, safe='')}/resync"
     headers = {}
     if settings.http.token is not None:
         headers["Authorization"] = f"Bearer {settings.http.token.get_secret_value()}"

@@ -7,6 +7,10 @@ makes ``/healthz`` time out, and a stuck engine makes it fail.
 body, validated by the topic's codec) and ``DELETE`` (a tombstone) write to
 Kafka; they are off unless enabled and then need the bearer token. Nothing
 reaches Kafka unless the request is authorised and the value valid.
+``POST /v1/plugins/{name}/resync`` (bearer token too) resyncs one plugin now.
+
+``datasync run`` serves HTTP before it connects: until the engine runs,
+``/healthz`` says "starting" (200) and ``/readyz`` says what it waits for (503).
 """
 
 from __future__ import annotations
