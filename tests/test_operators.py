@@ -341,7 +341,8 @@ async def test_http_put_refuses_unknown_fields_with_a_clean_body(tmp_path: Path)
 
 
 async def test_resync_on_request_and_healthz_after_a_long_failure(bootstrap: str, topic: str) -> None:
-    sync = SyncSettings(resync_max_attempts=1, unhealthy_after_failed_s=0.5)
+    # failed after one attempt, and the engine's own next attempt far away: only a request brings it back
+    sync = SyncSettings(resync_max_attempts=1, resync_backoff_s=60, unhealthy_after_failed_s=0.5)
     engine = DataSync(KafkaSettings(bootstrap_servers=bootstrap), sync)
     engine.add_topic(TopicSpec(name=topic, value="string"), StringCodec())
     plugin = Recorder("flaky", fail_resyncs=1)
