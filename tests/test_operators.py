@@ -166,6 +166,8 @@ def test_run_waits_for_the_broker_then_starts(tmp_path: Path, bootstrap: str, to
                        f"plugins in resync order rec; HTTP 127.0.0.1:{service.port} "
                        "(/metrics /healthz /readyz /v1/status; writes off)")  # fmt: skip
     assert not any("does not exist" in m for m in messages)  # the missing topic was created without a warning
+    resynced = next(e for e in entries if e["message"].startswith("plugin rec: resynced"))
+    assert resynced["plugin"] == "rec"  # the context as a field of its own
     client_errors = [e for e in entries if e["logger"].startswith("aiokafka")]
     assert len(client_errors) <= 1, client_errors  # the client's repeats are held back
 
