@@ -431,6 +431,8 @@ def test_json_log_lines_carry_context_fields() -> None:
         "plugin": "p", "topic": "t", "partition": 2, "offset": 41, "key": "a/b"}  # fmt: skip
     plain = json.loads(JsonFormatter().format(logging.LogRecord("x", logging.INFO, __file__, 1, "m", (), None)))
     assert set(plain) == {"ts", "level", "logger", "message"}
+    own = logging.LogRecord("datasync.plugin.routes", logging.INFO, __file__, 1, "m", (), None)
+    assert json.loads(JsonFormatter().format(own))["plugin"] == "routes"  # a plugin's own logger
 
 
 def test_repeated_client_errors_pass_once_per_window() -> None:

@@ -3,7 +3,8 @@
 JSON lines carry ``ts``, ``level``, ``logger``, ``message`` and, when the
 call passed them (``log.info(..., extra={"plugin": name})``), the context
 fields ``plugin``, ``topic``, ``partition``, ``offset`` and ``key`` as
-separate fields, so collectors can filter on them.
+separate fields, so collectors can filter on them. A plugin's own logger
+(``ctx.logger``, named ``datasync.plugin.NAME``) supplies ``plugin`` itself.
 
 The Kafka client repeats its connection errors many times a second while a
 broker is away; ``RepeatFilter`` lets each of its messages through once per
@@ -20,6 +21,7 @@ from typing import Any, Literal
 
 CONTEXT_FIELDS = ("plugin", "topic", "partition", "offset", "key")
 REPEAT_WINDOW_S = 60.0
+PLUGIN_LOGGER = "datasync.plugin."  # + the plugin's name: the logger plugins get in their context
 
 
 class JsonFormatter(logging.Formatter):
@@ -30,6 +32,8 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        if record.name.startswith(PLUGIN_LOGGER):
+            entry["plugin"] = record.name.removeprefix(PLUGIN_LOGGER)
         for name in CONTEXT_FIELDS:
             value = getattr(record, name, None)
             if value is not None:
