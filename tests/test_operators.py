@@ -527,3 +527,15 @@ def test_a_broker_outage_logs_state_changes_not_a_flood(tmp_path: Path, own_brok
     client = [e for e in outage if e["logger"].startswith("aiokafka")]
     assert len(client) <= 10, [e["message"] for e in client]  # each of the client's messages once
     assert len({e["message"] for e in client}) == len(client)
+
+
+def test_make_run_prints_the_export_line_and_fails_with_the_service(bootstrap: str) -> None:
+    """`make run` (tools/run_demo.py) with port 8080 taken: the service's exit status, not 0."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        env = env_for(bootstrap, DATASYNC_HTTP__PORT=str(taken.getsockname()[1]))
+        result = subprocess.run([sys.executable, "tools/run_demo.py"], cwd=ROOT, env=env, capture_output=True,
+                                text=True, timeout=60)  # fmt: skip
+    assert f"export DATASYNC_KAFKA__BOOTSTRAP_SERVERS={bootstrap}\n" in result.stdout
+    assert result.returncode == 1 and "Address already in use" in result.stderr

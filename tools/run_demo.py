@@ -96,7 +96,7 @@ async def main() -> int:
         await asyncio.wait([demo, waiter, stopped], return_when=asyncio.FIRST_COMPLETED)
         stop.set()
         await demo
-        return 0
+        return service.returncode or 0  # the service's own failure (say, port 8080 taken) fails `make run`
     finally:
         if service is not None and service.returncode is None:
             service.send_signal(signal.SIGTERM)
