@@ -427,9 +427,11 @@ class DataSync:
         self.last_step = time.monotonic()
 
     async def _step(self) -> None:
-        """A plugin handled a batch: that is progress, and waiters re-check."""
+        """A plugin handled a batch: that is progress, and waiters re-check. Its next batch waits
+        until the producer has room for more background sends."""
         self._progress()
         await self._notify()
+        await self.publishing.room()
 
     def _skipped(self, reg: Registration) -> None:
         """A CHANGE batch failed every attempt and was skipped: the plugin's view diverged."""

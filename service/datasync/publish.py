@@ -23,6 +23,8 @@ from datasync.settings import KafkaSettings
 
 log = logging.getLogger("datasync.publish")
 
+MAX_IN_FLIGHT = 5000  # background (put_nowait) sends pending at most before plugin calls wait
+
 
 class PublishError(Exception):
     """The broker did not acknowledge a record; ``__cause__`` is the Kafka error."""
@@ -48,6 +50,8 @@ class Publishing:
         self._metrics = metrics
         self._producer: AIOKafkaProducer | None = None
         self._in_flight: set[asyncio.Task[None]] = set()
+        self._room = asyncio.Event()  # set while fewer than MAX_IN_FLIGHT background sends are pending
+        self._room.set()
 
     async def start(self) -> None:
         producer = AIOKafkaProducer(**self._kafka.client_options(), acks="all", enable_idempotence=True, linger_ms=2)
@@ -94,7 +98,20 @@ class Publishing:
 
         task = asyncio.create_task(run())
         self._in_flight.add(task)
-        task.add_done_callback(self._in_flight.discard)
+        task.add_done_callback(self._sent)
+        if len(self._in_flight) >= MAX_IN_FLIGHT:
+            self._room.clear()
+
+    def _sent(self, task: asyncio.Task[None]) -> None:
+        self._in_flight.discard(task)
+        if len(self._in_flight) < MAX_IN_FLIGHT:
+            self._room.set()
+
+    async def room(self) -> None:
+        """Wait while MAX_IN_FLIGHT background sends are pending: after each plugin call the engine
+        waits here, so a plugin publishing fire-and-forget slows its own delivery (and, once its queue
+        is full, fetching) instead of piling up sends that would time out in the producer."""
+        await self._room.wait()
 
 
 class Publisher:
