@@ -13,8 +13,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@
 
-setup: $(STAMP)  ## venv, Python packages and the Kafka broker's jars (from Maven Central)
+setup: $(STAMP)  ## venv, Python packages, the Kafka broker's jars and Apicurio Registry (from Maven Central)
 	$(BIN)/python tools/localkafka.py fetch > /dev/null
+	$(BIN)/python tools/localregistry.py fetch > /dev/null
 
 run: setup  ## the service on topics/ with demo data (starts a local broker if none is configured)
 	$(BIN)/python tools/run_demo.py

@@ -19,6 +19,7 @@ from datasync.codecs import StringCodec
 from datasync.settings import KafkaSettings, SyncSettings
 
 from localkafka import LocalBroker
+from localregistry import LocalRegistry
 
 
 @pytest.fixture(scope="session")
@@ -33,6 +34,16 @@ def bootstrap() -> Iterator[str]:
         yield broker.bootstrap
     finally:
         broker.stop()
+
+
+@pytest.fixture(scope="session")
+def registry_url() -> Iterator[str]:
+    """A real schema registry (Apicurio, Confluent-compatible API) for the session, started on first use."""
+    registry = LocalRegistry().start()
+    try:
+        yield registry.url
+    finally:
+        registry.stop()
 
 
 @pytest.fixture

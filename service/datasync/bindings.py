@@ -19,7 +19,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from datasync.codecs import Codec, codec_for
 from datasync.errors import ConfigError
+from datasync.registry import RegistryClient
 from datasync.schemas import SchemaStore
+from datasync.settings import RegistrySettings
 
 _TOPIC_NAME = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 
@@ -107,9 +109,10 @@ class Bindings:
     schemas: SchemaStore
 
 
-def load_bindings(topics_dir: Path, schemas_dir: Path) -> Bindings:
+def load_bindings(topics_dir: Path, schemas_dir: Path, registry: RegistrySettings | None = None) -> Bindings:
     """Read, validate and resolve every binding file. Raises ConfigError."""
     schemas = SchemaStore.load(schemas_dir)
+    client = RegistryClient(registry) if registry is not None and registry.url_list else None
     files = sorted(topics_dir.rglob("*.y*ml")) if topics_dir.is_dir() else []  # sub-directories too
     if not files:
         raise ConfigError(str(topics_dir), "", "no bindings (*.yaml) found")
@@ -124,7 +127,7 @@ def load_bindings(topics_dir: Path, schemas_dir: Path) -> Bindings:
                     source, f"{where}.name", f"topic {spec.name!r} is already declared in {topics[spec.name].source}"
                 )
             try:
-                codec = codec_for(spec.value, schemas)
+                codec = codec_for(spec.value, schemas, client, spec.name)
             except ValueError as exc:
                 raise ConfigError(source, f"{where}.value", str(exc)) from exc
             topics[spec.name] = Topic(spec, codec, source)

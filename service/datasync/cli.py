@@ -33,9 +33,11 @@ from datasync import __version__
 from datasync.admin import COMPACTED_ON_DELETE, DOES_NOT_EXIST, check_topics, missing_topics, prepare_topics
 from datasync.api import KeyValues
 from datasync.bindings import Bindings, Topic, load_bindings
+from datasync.confluent import prepare_encode
 from datasync.engine import DataSync
 from datasync.errors import ConfigError, EncodeError, TopicError
 from datasync.logs import setup_logging
+from datasync.registry import RegistryError
 from datasync.settings import Settings, SyncSettings
 from datasync.startup import UNREACHABLE, GaveUp, Startup, connect_with_retry, reason
 from datasync.web import HttpServer
@@ -101,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     # Plugin classes are named relative to the working directory (e.g. examples.demo:Interfaces).
     sys.path.insert(0, str(Path.cwd()))
     try:
-        bindings = load_bindings(settings.topics_dir, settings.schemas_dir)
+        bindings = load_bindings(settings.topics_dir, settings.schemas_dir, settings.registry)
     except ConfigError as exc:
         print(f"datasync: invalid bindings: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -123,6 +125,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except UNREACHABLE as exc:
         print(f"datasync: broker at {settings.kafka.bootstrap_servers} unreachable: {reason(exc)}", file=sys.stderr)
+        return 1
+    except RegistryError as exc:
+        print(f"datasync: schema registry: {exc}", file=sys.stderr)
         return 1
 
 
@@ -292,6 +297,8 @@ async def _publish(settings: Settings, bindings: Bindings, args: argparse.Namesp
     if args.delete == (args.value is not None):
         raise ConfigError("VALUE", "", "give either a VALUE or --delete")
     value = None if args.delete else _parse_value(topic.codec.spec, args.value)
+    if value is not None:
+        await prepare_encode(topic.codec)
     try:
         raw = None if value is None else topic.codec.encode(value)
     except EncodeError as exc:

@@ -15,8 +15,10 @@ from typing import Any, Protocol
 from fastavro import schemaless_reader, schemaless_writer
 from fastavro.validation import validate
 
+from datasync.confluent import registry_codec
 from datasync.conform import conform
 from datasync.errors import DecodeError, EncodeError
+from datasync.registry import RegistryClient
 from datasync.schemas import Schema, SchemaStore
 
 MAGIC = b"\xc3\x01"
@@ -131,12 +133,14 @@ class AvroCodec:
         return stream.getvalue()
 
 
-def codec_for(spec: str, store: SchemaStore) -> Codec:
-    """Build the codec named by a bindings ``value:`` field.
+def codec_for(spec: str, store: SchemaStore, registry: RegistryClient | None = None, topic: str = "") -> Codec:
+    """Build the codec named by a bindings ``value:`` field (``registry:`` ones need the registry client).
 
     Raises ValueError with a message meant for the operator.
     """
     kind, _, name = spec.partition(":")
+    if kind == "registry":
+        return registry_codec(name, store, registry, topic)
     if kind in ("bytes", "string") and not name:
         return BytesCodec() if kind == "bytes" else StringCodec()
     if kind in ("avro", "json"):
@@ -149,4 +153,4 @@ def codec_for(spec: str, store: SchemaStore) -> Codec:
         if kind == "json":
             return JsonCodec(schema)
         return AvroCodec(store, schema)
-    raise ValueError(f"unknown codec {spec!r}: use avro[:Name], json[:Name], string or bytes")
+    raise ValueError(f"unknown codec {spec!r}: use avro[:Name], registry[:Name], json[:Name], string or bytes")

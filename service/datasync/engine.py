@@ -33,6 +33,7 @@ from datasync.applystatus import ApplyStatus
 from datasync.bindings import Bindings, TopicSpec
 from datasync.calls import PluginCalls
 from datasync.codecs import Codec
+from datasync.confluent import prepare_encode
 from datasync.deadletter import DeadLetters
 from datasync.delivery import Deliveries
 from datasync.errors import ConfigError, TopicError
@@ -277,6 +278,8 @@ class DataSync:
         dead_specs = [TopicSpec(name=t, partitions=1, compacted=True) for t in sorted(set(dead.values()))]
         specs = [*self._declared.values(), *dead_specs]
         partitions = await prepare_topics(self.kafka, specs, self.sync.create_topics)
+        for publisher in self._publishers.values():  # schema ids from the registry, before anything is sent
+            await prepare_encode(publisher.codec)
         self.broker_connected = True
         self.metrics.broker_up.set(1)
         self._ingest = Ingest(self._topics, self._codecs, self.metrics, self.sync.emit_identical_puts)
@@ -490,6 +493,7 @@ class DataSync:
             progress.report(sum(left.values()))
             self.last_step = time.monotonic()
             batch = await reader.fetch(timeout_ms=200)
+            await self._ingest.prepare(batch)
             for tp, records in batch.items():
                 self._ingest.fold_all(tables[tp.topic], records)
             await self._dead_letters.send(self._ingest.take_rejected())
@@ -590,6 +594,7 @@ class DataSync:
         """Fold a fetched batch into the tables and deliver its changes in plugin order."""
         assert self._ingest is not None and self._dead_letters is not None
         ingest = self._ingest
+        await ingest.prepare(batch)
         ready = [r for r in self._registrations if r.status.state is PluginState.READY]
         outbox: dict[Registration, list[Change]] = {r: [] for r in ready}
         self._seq += 1

@@ -12,15 +12,17 @@ value. It is counted, logged with topic/partition/offset, and kept in
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from sys import intern
 from typing import TypeAlias
 
-from aiokafka import ConsumerRecord
+from aiokafka import ConsumerRecord, TopicPartition
 
 from datasync.api import Change
 from datasync.bindings import TopicSpec
 from datasync.codecs import Codec
+from datasync.confluent import prepare_decode
 from datasync.metrics import Metrics
 from datasync.table import StateTable, pack, same_value
 
@@ -46,6 +48,11 @@ class Ingest:
         self._metrics = metrics
         self._emit_identical = emit_identical_puts
         self.rejected: list[Rejected] = []
+
+    async def prepare(self, batch: Mapping[TopicPartition, list[Record]]) -> None:
+        """Before folding: let codecs load what decoding needs (registry schemas), waiting if it is away."""
+        for tp, records in batch.items():
+            await prepare_decode(self._codecs[tp.topic], (record.value for record in records))
 
     def fold_all(self, table: StateTable, records: list[Record]) -> None:
         """Fold records into ``table`` without producing changes (table rebuild).

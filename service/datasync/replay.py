@@ -49,6 +49,7 @@ class Replayer:
             ends = {tp: end[(tp.topic, tp.partition)] for tp in reader.partitions}
             while await reader.behind(ends):
                 batch = await reader.fetch(timeout_ms=200)
+                await ingest.prepare(batch)
                 out: list[Change] = []
                 for tp, records in batch.items():
                     first, last = start.get((tp.topic, tp.partition), 0), ends[tp]

@@ -161,3 +161,9 @@ def change_envelope(value: Schema) -> dict[str, Any]:
             {"name": "ts_ms", "type": "long"},
         ],
     }
+
+
+def definition(schema: Schema) -> Any:
+    """The schema as self-contained JSON (types of other files inlined), as a registry stores it."""
+    named = schema.parsed.get("__named_schemas", {}) if isinstance(schema.parsed, dict) else {}
+    return _inline_once(schema.parsed, named, set())

@@ -107,6 +107,39 @@ class HttpSettings(BaseModel):
         return self
 
 
+class RegistrySettings(BaseModel):
+    """A Confluent-compatible schema registry, for topics declared ``value: registry:NAME``."""
+
+    urls: str = Field(default="", description="base URL(s), comma-separated, tried in turn; empty: none")
+    username: str | None = Field(default=None, description="basic auth user (with password)")
+    password: SecretStr | None = None
+    bearer_token: SecretStr | None = Field(default=None, description="instead of basic auth")
+    ca_file: Path | None = Field(default=None, description="PEM CA bundle for https registries")
+    timeout_s: float = Field(default=10.0, gt=0, description="time limit of one registry request")
+    retry_backoff_s: float = Field(default=0.5, gt=0, description="first wait after a failed request, doubling")
+    retry_backoff_max_s: float = Field(default=30.0, gt=0)
+    cache_size: int = Field(default=1000, ge=1, description="writer schemas kept in memory (LRU)")
+    auto_register: bool = Field(default=True, description="publishing registers a missing schema (else: look up)")
+    subject_strategy: Literal["topic", "record", "topic_record"] = "topic"
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RegistrySettings:
+        if (self.username is None) != (self.password is None):
+            raise ValueError("basic auth needs both username and password")
+        if self.username is not None and self.bearer_token is not None:
+            raise ValueError("use basic auth or a bearer token, not both")
+        if self.ca_file is not None and not self.ca_file.is_file():
+            raise ValueError(f"ca_file: no such file {self.ca_file}")
+        for url in self.url_list:
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"not an http(s) URL: {url!r}")
+        return self
+
+    @property
+    def url_list(self) -> list[str]:
+        return [u.strip().rstrip("/") for u in self.urls.split(",") if u.strip()]
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="DATASYNC_",
@@ -118,6 +151,7 @@ class Settings(BaseSettings):
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
     sync: SyncSettings = Field(default_factory=SyncSettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
+    registry: RegistrySettings = Field(default_factory=RegistrySettings)
     topics_dir: Path = Path("topics")
     schemas_dir: Path = Path("schemas")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

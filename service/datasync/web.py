@@ -23,9 +23,11 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from datasync.confluent import prepare_encode
 from datasync.engine import DataSync
 from datasync.errors import EncodeError
 from datasync.publish import PublishError
+from datasync.registry import BadSchema, RegistryError
 from datasync.settings import HttpSettings
 from datasync.startup import Startup
 from datasync.status import PluginState
@@ -115,6 +117,10 @@ async def _write(request: web.Request, delete: bool) -> web.Response:
             return _error(413, f"body larger than {settings.max_body_bytes} bytes")
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             return _error(400, f"body is not JSON: {exc}")
+        try:
+            await prepare_encode(codec, attempts=1)
+        except RegistryError as exc:
+            return _error(422 if isinstance(exc, BadSchema) else 503, f"schema registry: {exc}")
         try:
             raw = codec.encode(value)
         except EncodeError as exc:
