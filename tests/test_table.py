@@ -43,3 +43,15 @@ def test_prefix_ending_in_the_last_code_point() -> None:
         table.put(key, pack(b"", 0, 0, 0))
     assert table.keys_under("a\U0010ffff") == ["a\U0010ffff", "a\U0010ffffx"]
     assert table.keys_under("\U0010ffff") == ["\U0010ffff"]
+
+
+def test_pages_through_a_prefix_after_a_cursor() -> None:
+    table = StateTable("t")
+    for key in ["a/1", "a/2", "a/3", "a/4", "b/1", "a"]:
+        table.put(key, pack(b"", 0, 0, 0))
+    assert table.keys_under("a/", limit=2) == ["a/1", "a/2"]
+    assert table.keys_under("a/", after="a/2", limit=2) == ["a/3", "a/4"]
+    assert table.keys_under("a/", after="a/4", limit=2) == []
+    assert table.keys_under("a/", after="a/25") == ["a/3", "a/4"]  # a cursor need not be a key
+    assert table.keys_under("a/", after="0") == ["a/1", "a/2", "a/3", "a/4"]  # before the prefix: from its start
+    assert table.keys_under("", after="a/4") == ["b/1"]

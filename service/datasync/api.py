@@ -10,12 +10,15 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncGenerator, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, overload
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 from datasync.codecs import Codec
 from datasync.publish import Publisher
 from datasync.settings import KafkaSettings
 from datasync.table import Entry, Packed, value_of
+
+if TYPE_CHECKING:
+    from datasync.views import TableView
 
 Op = Literal["put", "delete"]
 
@@ -179,7 +182,8 @@ class PluginContext:
     """What a plugin gets at start: its name and settings, a logger, publishers, what it watches.
 
     ``kafka`` and ``replay`` are for plugins that talk to Kafka themselves and
-    must see history, as the built-in changefeed does.
+    must see history, as the built-in changefeed does. ``table(topic)`` reads
+    other tables (see ``datasync.views``).
     """
 
     name: str
@@ -189,12 +193,20 @@ class PluginContext:
     watches: Mapping[str, Sequence[str]] = field(default_factory=dict)
     kafka: KafkaSettings = field(default_factory=KafkaSettings)
     replay: Replay | None = None
+    tables: Mapping[str, TableView] = field(default_factory=dict)
 
     def publisher(self, name: str) -> Publisher:
         try:
             return self.publishers[name]
         except KeyError:
             raise KeyError(f"no publisher {name!r} (declared: {', '.join(self.publishers) or 'none'})") from None
+
+    def table(self, topic: str) -> TableView:
+        """Read-only current values of a table topic (any topic a plugin watches), e.g. to check references."""
+        try:
+            return self.tables[topic]
+        except KeyError:
+            raise KeyError(f"no table {topic!r} (tables: {', '.join(self.tables) or 'none'})") from None
 
 
 class PluginError(Exception):

@@ -47,6 +47,7 @@ from datasync.replay import Replayer
 from datasync.settings import KafkaSettings, SyncSettings
 from datasync.status import PluginState, PluginStatus
 from datasync.table import Entry, StateTable, same_value, value_of
+from datasync.views import TableView
 
 log = logging.getLogger("datasync")
 
@@ -545,6 +546,7 @@ class DataSync:
             ctx = PluginContext(
                 reg.name, reg.settings, plugin_log, self._publishers, reg.watches, self.kafka, replayer.changes
             )
+            ctx.tables = {name: TableView(name, lambda: self._tables, self._codecs[name]) for name in self._topics}
             if not await self._calls.start(reg, ctx):
                 return
             reg.started = True

@@ -98,12 +98,15 @@ class HttpSettings(BaseModel):
     wedged_after_s: float = Field(default=300.0, gt=0, description="/healthz fails when the engine is stuck this long")
     writes_enabled: bool = Field(default=False, description="accept PUT/DELETE of keys (needs token)")
     token: SecretStr | None = Field(default=None, description="bearer token required by the write endpoints")
+    reads_need_token: bool = Field(default=False, description="the key read endpoints need the token too")
     max_body_bytes: int = Field(default=1024 * 1024, ge=1)
 
     @model_validator(mode="after")
     def _token_for_writes(self) -> HttpSettings:
         if self.writes_enabled and (self.token is None or len(self.token.get_secret_value()) < 16):
             raise ValueError("writes_enabled needs a token of at least 16 characters")
+        if self.reads_need_token and (self.token is None or len(self.token.get_secret_value()) < 16):
+            raise ValueError("reads_need_token needs a token of at least 16 characters")
         return self
 
 

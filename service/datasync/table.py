@@ -9,7 +9,7 @@ about 130 bytes more; a decoded Avro record several times its wire size.
 from __future__ import annotations
 
 import struct
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
 from typing import NamedTuple
 
 _TRAILER = struct.Struct("<qqH")  # offset, timestamp (ms), partition
@@ -89,15 +89,20 @@ class StateTable:
     def keys_changed(self) -> None:
         self._sorted = None
 
-    def keys_under(self, prefix: str) -> list[str]:
-        """The keys that start with ``prefix``, sorted (a slice of the cached key order)."""
+    def keys_under(self, prefix: str, after: str | None = None, limit: int | None = None) -> list[str]:
+        """The keys that start with ``prefix``, sorted (a slice of the cached key order).
+
+        ``after`` and ``limit`` page through them: only keys greater than ``after``, at most ``limit``.
+        """
         if self._sorted is None:
             self._sorted = sorted(self.data)
         keys = self._sorted
         lo = bisect_left(keys, prefix)
         stem = prefix.rstrip(_MAX_CHAR)  # the first string after every "prefix...": bump its last char
         hi = bisect_left(keys, stem[:-1] + chr(ord(stem[-1]) + 1), lo) if stem else len(keys)
-        return keys[lo:hi]
+        if after is not None:
+            lo = max(lo, bisect_right(keys, after, lo, hi))
+        return keys[lo : hi if limit is None else min(hi, lo + limit)]
 
     def under(self, prefix: str) -> list[tuple[str, Packed]]:
         """The (key, state) pairs whose key starts with ``prefix``, sorted by key."""

@@ -15,7 +15,6 @@ reaches Kafka unless the request is authorised and the value valid.
 
 from __future__ import annotations
 
-import hmac
 import json
 import time
 from typing import Any
@@ -26,6 +25,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from datasync.confluent import prepare_encode
 from datasync.engine import DataSync
 from datasync.errors import EncodeError
+from datasync.httpauth import read_refused, refusal
+from datasync.keylist import add_key_listing
 from datasync.publish import PublishError
 from datasync.registry import BadSchema, RegistryError
 from datasync.settings import HttpSettings
@@ -50,6 +51,7 @@ def build_app(engine: DataSync, settings: HttpSettings, startup: Startup | None 
     app.router.add_put(KEY_PATH, put_key)
     app.router.add_delete(KEY_PATH, delete_key)
     app.router.add_post("/v1/plugins/{name}/resync", resync_plugin)
+    add_key_listing(app, engine, settings)
     return app
 
 
@@ -62,17 +64,13 @@ def _error(status: int, message: str) -> web.Response:
 
 def _unauthorised(request: web.Request) -> web.Response | None:
     """403 without a configured token, 401 unless the request carries it; None if authorised."""
-    token = request.app[SETTINGS].token
-    if token is None:
-        return _error(403, "no DATASYNC_HTTP__TOKEN configured")
-    expected = f"Bearer {token.get_secret_value()}".encode()
-    if not hmac.compare_digest(request.headers.get("Authorization", "").encode(), expected):
-        return _error(401, "missing or wrong bearer token")
-    return None
+    return refusal(request, request.app[SETTINGS])
 
 
 async def get_key(request: web.Request) -> web.Response:
     engine, topic, key = request.app[ENGINE], request.match_info["topic"], request.match_info["key"]
+    if (refused := read_refused(request, request.app[SETTINGS])) is not None:
+        return refused
     if not engine.running:
         return _error(503, "the engine is not running (starting, or stopped): no tables to read")
     if engine.rebuilding:
