@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Literal, overload
 from datasync.codecs import Codec
 from datasync.publish import Publisher
 from datasync.settings import KafkaSettings
-from datasync.table import Entry, Packed, value_of
+from datasync.table import Entry, Packed, StateTable, value_of
 
 if TYPE_CHECKING:
     from datasync.views import TableView
@@ -110,6 +110,18 @@ class KeyValues(Sequence[KeyValue]):
         for topic, codec, keys, data in self._segments:
             for key in keys:
                 yield KeyValue(topic, key, data[key], codec)
+
+
+def resync_values(
+    watches: Mapping[str, Sequence[str]], tables: Mapping[str, StateTable], codecs: Mapping[str, Codec]
+) -> dict[str, KeyValues]:
+    """A resync's ``values``: per watched prefix, the current key/values of each topic watched with it."""
+    segments: dict[str, list[Segment]] = {}
+    for topic, prefixes in watches.items():
+        table, codec = tables[topic], codecs[topic]
+        for prefix in prefixes:
+            segments.setdefault(prefix, []).append((topic, codec, table.keys_under(prefix), table.data))
+    return {prefix: KeyValues(parts) for prefix, parts in segments.items()}
 
 
 class Change:

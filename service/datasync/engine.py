@@ -28,7 +28,7 @@ from aiokafka import TopicPartition
 from aiokafka.errors import KafkaError, OffsetOutOfRangeError
 
 from datasync.admin import prepare_topics
-from datasync.api import Change, ChangeEvent, KeyValues, Plugin, PluginContext, ResyncEvent, Segment
+from datasync.api import Change, ChangeEvent, Plugin, PluginContext, ResyncEvent, resync_values
 from datasync.applystatus import ApplyStatus
 from datasync.bindings import Bindings, TopicSpec
 from datasync.calls import PluginCalls
@@ -558,12 +558,7 @@ class DataSync:
                 self._calls.succeeded(reg)
                 return
             # the delta failed: fall back to a full resync, right away
-        segments: dict[str, list[Segment]] = {}
-        for topic, prefixes in reg.watches.items():
-            table, codec = self._tables[topic], self._codecs[topic]
-            for prefix in prefixes:
-                segments.setdefault(prefix, []).append((topic, codec, table.keys_under(prefix), table.data))
-        values = {prefix: KeyValues(parts) for prefix, parts in segments.items()}
+        values = resync_values(reg.watches, self._tables, self._codecs)
         assert self._reader is not None
         positions = {(tp.topic, tp.partition): n for tp, n in (await self._reader.positions()).items()}
         watched = {key: n for key, n in positions.items() if key[0] in reg.watches}
