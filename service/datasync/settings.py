@@ -133,9 +133,8 @@ class RegistrySettings(BaseModel):
             raise ValueError("use basic auth or a bearer token, not both")
         if self.ca_file is not None and not self.ca_file.is_file():
             raise ValueError(f"ca_file: no such file {self.ca_file}")
-        for url in self.url_list:
-            if not url.startswith(("http://", "https://")):
-                raise ValueError(f"not an http(s) URL: {url!r}")
+        if not all(url.startswith(("http://", "https://")) for url in self.url_list):
+            raise ValueError("every URL must start with http:// or https://")
         return self
 
     @property
