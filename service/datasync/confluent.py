@@ -51,6 +51,7 @@ class RegistryCodec:
         self.reader = reader
         self.spec = "registry" if reader is None else f"registry:{reader.fullname}"
         self._reader_parsed = None if reader is None else reader.parsed
+        self._reader_fingerprint = None if reader is None else reader.fingerprint
         self._header: bytes | None = None  # once the schema id for writing is known
 
     @property
@@ -62,9 +63,9 @@ class RegistryCodec:
 
     async def prepare_decode(self, raws: Iterable[bytes | None], retry: bool = True) -> None:
         """Load the writer schemas these records name; with ``retry``, wait for an unreachable registry."""
-        ids = {HEADER.unpack_from(raw)[1] for raw in raws if raw and len(raw) >= HEADER.size and raw[0] == 0}
+        ids = {raw[1:5] for raw in raws if raw and raw[0] == 0 and len(raw) >= HEADER.size}
         if ids:
-            await self.client.load(ids, retry)
+            await self.client.load((int.from_bytes(i, "big") for i in ids), retry)
 
     async def prepare_encode(self, attempts: int = 3) -> None:
         """Look up (or register) the reader schema under its subject, once."""
@@ -81,8 +82,9 @@ class RegistryCodec:
             raise DecodeError(writer)
         stream = BytesIO(raw)
         stream.seek(HEADER.size)
+        reader = None if writer.fingerprint == self._reader_fingerprint else self._reader_parsed
         try:
-            value = schemaless_reader(stream, writer.parsed, self._reader_parsed)
+            value = schemaless_reader(stream, writer.parsed, reader)
         except Exception as exc:  # fastavro raises EOFError, ValueError, SchemaResolutionError...
             raise DecodeError(f"invalid Avro body for schema id {writer.id} ({writer.fullname}): {exc!r}") from exc
         if stream.tell() != len(raw):

@@ -29,6 +29,7 @@ from urllib.parse import quote, urlsplit
 
 import aiohttp
 import fastavro
+from fastavro.schema import fingerprint, to_parsing_canonical_form
 
 from datasync.settings import RegistrySettings
 
@@ -62,6 +63,7 @@ class WriterSchema:
     id: int
     parsed: Any
     fullname: str
+    fingerprint: bytes  # CRC-64-AVRO of the canonical form: equal to a reader's means "no resolution needed"
 
 
 @dataclass(frozen=True)
@@ -100,7 +102,6 @@ class RegistryClient:
         entry = self._cache.get(schema_id)
         if entry is None:
             return f"writer schema id {schema_id} is not loaded (more ids in use than DATASYNC_REGISTRY__CACHE_SIZE?)"
-        self._cache.move_to_end(schema_id)
         return entry if isinstance(entry, WriterSchema) else entry.reason
 
     async def load(self, ids: Iterable[int], retry: bool = True) -> None:
@@ -115,6 +116,8 @@ class RegistryClient:
             entry = self._cache.get(schema_id)
             if entry is None or (isinstance(entry, _Missing) and entry.until <= now):
                 todo.append(schema_id)
+            else:
+                self._cache.move_to_end(schema_id)  # in use: evicted last (decoding does not touch the order)
         if not todo:
             return
         async with self._session() as session:
@@ -138,7 +141,11 @@ class RegistryClient:
             return _Missing(f"schema id {schema_id}: {exc}", time.monotonic() + MISSING_TTL_S)
         fullname = parsed.get("name", "") if isinstance(parsed, dict) else ""
         log.info("schema id %d: %s loaded", schema_id, fullname or "(unnamed type)")
-        return WriterSchema(schema_id, parsed, str(fullname))
+        try:
+            fp = bytes.fromhex(fingerprint(to_parsing_canonical_form(parsed), "CRC-64-AVRO"))
+        except Exception:  # a form fastavro cannot write canonically: always resolve
+            fp = b""
+        return WriterSchema(schema_id, parsed, str(fullname), fp)
 
     async def _references(
         self, session: aiohttp.ClientSession, refs: list[Any], named: dict[str, Any], depth: int

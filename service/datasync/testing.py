@@ -219,6 +219,8 @@ class Harness:
         for topic in watch:
             if topic not in self.state.codecs:
                 self.topic(topic)
+        if status is not None and status not in self._publishers:
+            raise ValueError(f"plugin {name!r}: unknown status publisher {status!r} (declare it first)")
         apply_status = ApplyStatus(self._publishers[status], name) if status is not None else None
         reg = Registration(name, plugin, watch, settings or {}, "full", apply_status, self._close)
         self._registrations.append(reg)

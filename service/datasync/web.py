@@ -24,7 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from datasync.confluent import prepare_encode
 from datasync.engine import DataSync
-from datasync.errors import EncodeError
+from datasync.errors import DecodeError, EncodeError
 from datasync.httpauth import read_refused, refusal
 from datasync.keylist import add_key_listing
 from datasync.publish import PublishError
@@ -82,7 +82,10 @@ async def get_key(request: web.Request) -> web.Response:
         return _error(404, f"topic {topic!r} is not read into a table")
     if entry is None or codec is None:
         return _error(404, f"no key {key!r} in {topic!r}")
-    value = codec.decode(entry.value)
+    try:
+        value = codec.decode(entry.value)
+    except DecodeError as exc:  # a registry schema evicted from the cache
+        return _error(503, f"the value cannot be decoded now: {exc}")
     if isinstance(value, bytes):
         return _error(406, "the value is raw bytes; use `datasync dump`")
     body = {"topic": topic, "key": key, "value": value, "revision": entry.offset, "partition": entry.partition}
