@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import ssl
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -37,6 +38,7 @@ from datasync.settings import HttpSettings, KafkaSettings, RegistrySettings, Syn
 from datasync.web import HttpServer
 
 from conftest import eventually, put_all
+from localkafka import LocalBroker
 from recorder import Recorder
 
 QUICK = SyncSettings(change_backoff_s=0.01, change_max_attempts=2, resync_backoff_s=0.2)
@@ -393,3 +395,32 @@ def test_cli_publish_and_dump_through_the_registry(
     last = unreachable.stderr.splitlines()[-1]
     assert unreachable.returncode == 1 and last.startswith("datasync: schema registry: http://127.0.0.1:9/"), last
     assert "Traceback" not in unreachable.stderr
+
+
+async def test_an_https_registry_is_trusted_through_the_ca_file() -> None:
+    certificates = LocalBroker(tls=True)  # only for its throw-away CA and 127.0.0.1 certificate
+    try:
+        certificates._make_certificates()
+        server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        server_tls.load_cert_chain(certificates.workdir / "server.crt", certificates.workdir / "server.key")
+
+        async def schema(request: web.Request) -> web.Response:
+            return web.json_response({"schema": json.dumps(PRODUCT)})
+
+        app = web.Application()
+        app.router.add_get("/schemas/ids/{id}", schema)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0, ssl_context=server_tls).start()
+        url = f"https://127.0.0.1:{runner.addresses[0][1]}"
+        try:
+            trusting = RegistryClient(RegistrySettings(urls=url, ca_file=certificates.ca_file))
+            await trusting.load([1], retry=False)
+            found = trusting.cached(1)
+            assert not isinstance(found, str) and found.fullname == "shop.Product"
+            with pytest.raises(RegistryUnavailable, match="certificate"):  # the system CAs do not know ours
+                await RegistryClient(RegistrySettings(urls=url)).load([1], retry=False)
+        finally:
+            await runner.cleanup()
+    finally:
+        certificates.stop()
