@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ async def demo() -> Any:
         h.topic("demo.interfaces", "avro:demo.Interface")
         h.topic("demo.routes", "avro:demo.Route")
         h.plugin("interfaces", Interfaces(), {"demo.interfaces": [IF]})
-        h.plugin("routes", Routes(), {"demo.routes": [RT]})
+        h.plugin("routes", Routes(), {"demo.routes": [RT]}, after=["interfaces"])  # as in topics/demo.yaml
         yield h
 
 
@@ -96,7 +97,7 @@ async def test_the_engine_rules_apply() -> None:
         await h.start({"in": {"a/1": 1, "b/1": 2}})
         # both failed their first resync: nobody is ready, nothing is delivered yet
         assert journal == [("resync", "first"), ("resync", "flaky")]
-        assert h.status("flaky").state is PluginState.RESYNCING and h.status("flaky").resync_attempts == 1
+        assert h.status("flaky").state is PluginState.RESYNCING and "refused" in (h.status("flaky").last_error or "")
         await h.put("in", "a/2", 3)  # a step: changes to nobody, then the retries, in declared order
         assert journal[2:] == [("resync", "first"), ("resync", "flaky")]
         assert first.view == flaky.view == {"a/1": 1, "a/2": 3}
@@ -136,7 +137,7 @@ class Picky(Plugin):
         raise RuntimeError("no")
 
 
-async def test_failed_changes_can_mean_a_resync_and_resyncs_give_up() -> None:
+async def test_failed_changes_can_mean_a_resync_and_failing_resyncs_are_retried() -> None:
     async with Harness() as h:
         plugin = Picky()
         h.plugin("picky", plugin, {"t": [""]})
@@ -146,7 +147,10 @@ async def test_failed_changes_can_mean_a_resync_and_resyncs_give_up() -> None:
         await h.put("t", "k", 2)
         for _ in range(h.sync.resync_max_attempts):
             await h.step()
-        assert h.status("picky").state is PluginState.FAILED
+        assert h.status("picky").state is PluginState.FAILED  # visible, and still retried
+        plugin.resyncs = 0  # it recovers
+        await h.step()
+        assert h.status("picky").state is PluginState.READY and h.status("picky").last_error is None
 
 
 def test_events_from_plain_values() -> None:
@@ -161,3 +165,23 @@ def test_events_from_plain_values() -> None:
     kv = event.values[""][0]
     kv.value.append(3)  # a plugin mutating its value does not change the next read
     assert resync_event({"t": {"a": [1, 2]}}).values[""][0].value == [1, 2]
+
+
+class Slow(Recorder):
+    async def change(self, event: ChangeEvent) -> None:
+        await asyncio.sleep(0.05)
+        await super().change(event)
+
+
+async def test_after_orders_the_changes_of_independent_plugins() -> None:
+    journal: list[tuple[str, str]] = []
+    async with Harness() as h:
+        h.plugin("slow", Slow("slow", journal), {"t": [""]})
+        h.plugin("fast", Recorder("fast", journal), {"t": [""]})
+        h.plugin("later", Recorder("later", journal), {"t": [""]}, after=["slow"])
+        await h.start()
+        await h.put("t", "k", 1)
+        changes = [name for kind, name in journal if kind == "change"]
+        assert changes == ["fast", "slow", "later"]  # fast does not wait for slow; later does
+        with pytest.raises(ValueError, match="not registered before"):
+            h.plugin("early", Recorder(), {"t": [""]}, after=["nobody"])

@@ -2,14 +2,16 @@
 
 ``Harness`` runs plugins the way the engine does, with the engine's own parts:
 values are encoded with the topic's codec and folded into state tables
-(revisions, previous values, identical puts and unknown deletes dropped), and
+(revisions, previous values, identical puts and unknown deletes dropped),
 plugins are called through the engine's call rules (time limits, retries,
-feedback in ``status``, apply status), resynced in declared order, given
-changes only once resynced. What plugins publish is kept in memory.
+feedback in ``status``, apply status), resynced in declared order, and given
+changes only once resynced, through the engine's per-plugin delivery
+(``after`` ordering). What plugins publish is kept in memory.
 
-Differences from a running engine: there is one partition per topic, time is
-not simulated (a failed resync is retried at the next step instead of after
-its backoff), and published records are not read back into tables.
+Differences from a running engine: there is one partition per topic, every
+write waits until the plugins handled it, time is not simulated (a failed
+resync is retried at the next step instead of after its backoff), and
+published records are not read back into tables.
 
     async with Harness() as h:
         h.topic("demo.interfaces", "avro:demo.Interface")   # or any codec; default: plain Python values
@@ -38,6 +40,7 @@ from datasync.applystatus import ApplyStatus
 from datasync.bindings import TopicSpec
 from datasync.calls import PluginCalls
 from datasync.codecs import Codec, codec_for
+from datasync.delivery import Deliveries
 from datasync.ingest import Ingest
 from datasync.metrics import Metrics
 from datasync.publish import Delivery, Publisher, Publishing
@@ -189,6 +192,11 @@ class Harness:
             self.schemas = SchemaStore.load(Path(schemas))
         self.state = Tables(self.metrics, self.sync.emit_identical_puts)
         self._calls = PluginCalls(self.sync, self.metrics)
+        self._deliveries = Deliveries(
+            self._calls, self.sync.plugin_queue_max_records, self.sync.fetch_max_records, self._delivered, self._skipped
+        )
+        self._delivery = asyncio.Condition()  # notified after every delivered (or skipped) batch
+        self._seq = 0
         self._publishing = MemoryPublishing(self.metrics)
         self._publishers: dict[str, Publisher] = {}
         self._registrations: list[Registration] = []
@@ -214,16 +222,26 @@ class Harness:
         watch: Mapping[str, Sequence[str]],
         settings: Mapping[str, Any] | None = None,
         status: str | None = None,
+        after: Sequence[str] = (),
     ) -> Registration:
-        """Register a plugin (resync order = registration order); ``status`` names an apply-status publisher."""
+        """Register a plugin (resync order = registration order), as ``DataSync.watch`` does.
+
+        ``status`` names an apply-status publisher; ``after`` the plugins (registered earlier) whose
+        earlier changes must be handled before this one gets a batch.
+        """
         for topic in watch:
             if topic not in self.state.codecs:
                 self.topic(topic)
         if status is not None and status not in self._publishers:
             raise ValueError(f"plugin {name!r}: unknown status publisher {status!r} (declare it first)")
         apply_status = ApplyStatus(self._publishers[status], name) if status is not None else None
+        earlier = {r.name: r for r in self._registrations}
+        unknown = [a for a in after if a not in earlier]
+        if unknown:
+            raise ValueError(f"plugin {name!r}: 'after' names {unknown[0]!r}, which is not registered before it")
         reg = Registration(name, plugin, watch, settings or {}, "full", apply_status, self._close)
         self._registrations.append(reg)
+        self._deliveries.add(reg, [earlier[a] for a in after])
         return reg
 
     # -- driving --------------------------------------------------------------
@@ -240,16 +258,30 @@ class Harness:
         await self.write([(topic, key, None)])
 
     async def write(self, writes: Iterable[Write]) -> None:
-        """One fetched batch: fold the writes, deliver the changes to the resynced plugins in order, then step."""
+        """One fetched batch: fold the writes, queue the changes for the resynced plugins, wait until each
+        handled them (or skipped them after its retries), then step."""
         changes = self.state.write(writes)
         ready = [r for r in self._registrations if r.status.state is PluginState.READY]
-        for reg in ready:
-            mine = [c for c in changes if any(c.key.startswith(p) for p in reg.watches.get(c.topic, ()))]
-            if mine and not await self._calls.change(reg, ChangeEvent(mine)):
-                reg.diverged = True
-                if getattr(reg.plugin, "resync_after_failed_change", False):
-                    reg.status.state = PluginState.RESYNCING
+        outbox = {r: [c for c in changes if c.key.startswith(r.watches.get(c.topic, ()))] for r in ready}
+        self._seq += 1
+        await self._deliveries.put(self._seq, outbox)
+        async with self._delivery:
+            await self._delivery.wait_for(self._delivered_all)
         await self.step()
+
+    def _delivered_all(self) -> bool:
+        ready = PluginState.READY
+        return all(self._deliveries.queued(r) == 0 or r.status.state is not ready for r in self._registrations)
+
+    async def _delivered(self) -> None:
+        async with self._delivery:
+            self._delivery.notify_all()
+
+    def _skipped(self, reg: Registration) -> None:
+        """As the engine does: a skipped batch means a diverged view, or a resync for plugins that ask for it."""
+        reg.diverged = True
+        if getattr(reg.plugin, "resync_after_failed_change", False) and reg.status.state is PluginState.READY:
+            reg.status.state = PluginState.RESYNCING
 
     async def resync(self, state: Mapping[str, Mapping[str, Any]] | None = None) -> None:
         """A full resync, as after a fault: ``state`` replaces those topics' content; every plugin resyncs."""
@@ -265,11 +297,12 @@ class Harness:
         Fire-and-forget publishes are waited for, so that ``published()`` is complete after every step.
         """
         for reg in list(self._registrations):
-            if reg.status.state is not PluginState.RESYNCING:
+            if reg.status.state is PluginState.READY:
                 continue
+            if await self._deliveries.pause(reg):  # queued changes the resync replaces
+                reg.diverged = True
             if not reg.started:
-                if not await self._calls.hook(reg, "start", self._context(reg)):
-                    reg.status.state = PluginState.FAILED
+                if not await self._calls.start(reg, self._context(reg)):
                     continue
                 reg.started = True
             values = resync_values(reg.watches, self.state.tables, self.state.codecs)
@@ -278,6 +311,9 @@ class Harness:
 
     async def stop(self) -> None:
         """Stop the plugins (in reverse order) and wait for fire-and-forget publishes."""
+        self._deliveries.halt()
+        await self._deliveries.wait_idle()
+        await self._deliveries.stop()
         for reg in reversed(self._registrations):
             if reg.started:
                 reg.started = False
@@ -325,6 +361,7 @@ class Harness:
 
     async def _close(self, reg: Registration) -> None:
         if reg in self._registrations:
+            await self._deliveries.remove(reg)
             self._registrations.remove(reg)
             if reg.started:
                 reg.started = False
