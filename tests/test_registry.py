@@ -395,6 +395,14 @@ def test_cli_publish_and_dump_through_the_registry(
     last = unreachable.stderr.splitlines()[-1]
     assert unreachable.returncode == 1 and last.startswith("datasync: schema registry: http://127.0.0.1:9/"), last
     assert "Traceback" not in unreachable.stderr
+    # the service needs the schema id of a published topic before it starts
+    (tmp_path / "topics" / "t.yaml").write_text(
+        f"topics: [{{name: {topic}, value: 'registry:shop.Product'}}]\npublishers: [{{name: out, topic: {topic}}}]\n"
+    )
+    env["DATASYNC_HTTP__PORT"] = "0"
+    run = cli("run")
+    assert run.returncode == 1 and run.stderr.splitlines()[-1].startswith("datasync: schema registry:"), run.stderr
+    assert "Traceback" not in run.stderr
 
 
 async def test_an_https_registry_is_trusted_through_the_ca_file() -> None:
