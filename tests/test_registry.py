@@ -151,6 +151,8 @@ async def test_published_records_are_read_by_the_confluent_deserializer(
         await out.put("p/1", {"sku": "a", "price": 1.5, "currency": "EUR"})
         with pytest.raises(EncodeError):
             await out.put("p/2", {"sku": "b"})
+        with pytest.raises(EncodeError, match="unknown field"):  # refused, not dropped
+            await out.put("p/2", {"sku": "b", "price": 2.0, "currency": "EUR", "colour": "red"})
         async with aiohttp.ClientSession(headers={"Authorization": "Bearer " + "t" * 16}) as session:
             url = f"http://127.0.0.1:{http.port}/v1/topics/{topic}/keys/p/3"
             async with session.put(url, json={"sku": "c", "price": 3.0, "currency": "USD"}) as response:

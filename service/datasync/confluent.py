@@ -22,8 +22,8 @@ from io import BytesIO
 from typing import Any, Literal
 
 from fastavro import schemaless_reader, schemaless_writer
-from fastavro.validation import validate
 
+from datasync.conform import conform
 from datasync.errors import DecodeError, EncodeError
 from datasync.registry import RegistryClient
 from datasync.schemas import Schema, SchemaStore, definition
@@ -96,10 +96,7 @@ class RegistryCodec:
             raise EncodeError("this topic accepts any registered schema: name the one to write (registry:NAME)")
         if self._header is None:
             raise EncodeError(f"the schema id of subject {self.subject} is not known yet (registry not reached)")
-        try:
-            validate(value, self.reader.parsed, raise_errors=True)
-        except Exception as exc:
-            raise EncodeError(f"does not match {self.reader.fullname}: {exc}") from exc
+        conform(value, self.reader)  # unknown fields refused, not dropped
         stream = BytesIO()
         stream.write(self._header)
         schemaless_writer(stream, self.reader.parsed, value)
