@@ -274,6 +274,8 @@ class Harness:
         return all(self._deliveries.queued(r) == 0 or r.status.state is not ready for r in self._registrations)
 
     async def _delivered(self) -> None:
+        """After each delivered batch, as the engine does: wait for room for background sends, tell waiters."""
+        await self._publishing.room()
         async with self._delivery:
             self._delivery.notify_all()
 
