@@ -67,6 +67,24 @@ async def test_broker_lost_and_regained(own_broker: LocalBroker, topic: str) -> 
     assert {("delete", "k1"), ("delete", "k2"), ("put", "k3"), ("put", "k10")} <= delta_ops
 
 
+async def test_stop_while_the_broker_is_away(own_broker: LocalBroker, topic: str) -> None:
+    kafka = KafkaSettings(bootstrap_servers=own_broker.bootstrap, request_timeout_ms=5000)
+    engine = DataSync(kafka, QUICK)
+    engine.add_topic(TopicSpec(name=topic, partitions=2, value="string"), StringCodec())
+    engine.watch("p", Recorder("p"), {topic: [""]})
+    await engine.start()
+    async with asyncio.timeout(20):
+        await engine.wait_ready()
+    await asyncio.to_thread(own_broker.stop, keep_data=True)
+    try:
+        async with asyncio.timeout(20):
+            await engine.wait_for(lambda: not engine.broker_connected)
+        async with asyncio.timeout(30):
+            await engine.stop()  # no exception, no hang: fetches were failing and retrying meanwhile
+    finally:
+        await asyncio.to_thread(own_broker.start)
+
+
 @pytest.fixture
 async def engine_on(bootstrap: str) -> AsyncIterator[list[DataSync]]:
     engines: list[DataSync] = []

@@ -43,9 +43,9 @@ class PluginCalls:
 
     async def start(self, reg: Registration, ctx: PluginContext) -> bool:
         """The start hook, before the first resync; a failure is retried like a failed resync."""
-        reg.status.resync_attempts += 1
         if await self.hook(reg, "start", ctx):
             return True
+        reg.status.resync_attempts += 1
         self._retry_later(reg, "start hook", reg.status.last_error or "")
         return False
 

@@ -8,6 +8,8 @@ offset of the last record seen is what makes this finish on compacted topics
 
 from __future__ import annotations
 
+import asyncio
+
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
 from datasync.settings import KafkaSettings
@@ -50,7 +52,7 @@ class TableReader:
     async def stop(self) -> None:
         if self._consumer is not None:
             consumer, self._consumer = self._consumer, None
-            await consumer.stop()
+            await stop_consumer(consumer)
 
     async def rewind(self) -> dict[TopicPartition, int]:
         """Seek every partition to its beginning; return the end offsets to read up to."""
@@ -83,3 +85,16 @@ class TableReader:
     async def fetch(self, timeout_ms: int) -> Batch:
         batch: Batch = await self.consumer.getmany(timeout_ms=timeout_ms, max_records=self._max_records)
         return batch
+
+
+async def stop_consumer(consumer: AIOKafkaConsumer) -> None:
+    """``consumer.stop()``, finishing the job when aiokafka (0.14) re-raises the CancelledError of a
+    fetch task that was waiting to retry against a broker going away: without this the client's
+    connections stay open and the service exits with a traceback instead of 0."""
+    try:
+        await consumer.stop()
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        await consumer._client.close()  # what stop() did not reach
+        if task is not None and task.cancelling():
+            raise  # we are being cancelled ourselves
