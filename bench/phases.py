@@ -18,7 +18,17 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from datagen import create_topic, delete_topic, topic_spec
 from fastavro import schemaless_reader
-from workload import BENCH, FETCH, PREFIXES, ChangeCounter, KeyCounter, TableLayout, item_codec, rss_bytes
+from workload import (
+    BENCH,
+    FETCH,
+    PREFIXES,
+    ChangeCounter,
+    KeyCounter,
+    TableLayout,
+    ValueReader,
+    item_codec,
+    rss_bytes,
+)
 
 from datasync import DataSync
 from datasync.codecs import HEADER_SIZE, AvroCodec
@@ -44,11 +54,12 @@ class Round:
         return self.records / self.seconds
 
 
-# -- limit: what a user could write with aiokafka and fastavro alone --------------------------------
+# -- limit: what a user could write with aiokafka (and fastavro) alone ------------------------------
 
 
-async def limit_round(bootstrap: str, layout: TableLayout, codec: AvroCodec) -> Round:
-    """Read the topic to its end offsets, decode every value, fold into a dict (tombstones delete)."""
+async def limit_round(bootstrap: str, layout: TableLayout, codec: AvroCodec, decode: bool = True) -> Round:
+    """Read the topic to its end offsets into a dict (tombstones delete): each value decoded with
+    fastavro (``decode``), or its bytes kept as they are."""
     assert codec.reader is not None
     schema = codec.reader.parsed
     started = time.perf_counter()
@@ -72,10 +83,12 @@ async def limit_round(bootstrap: str, layout: TableLayout, codec: AvroCodec) -> 
                     key = record.key.decode()
                     if record.value is None:
                         state.pop(key, None)
-                    else:
+                    elif decode:
                         stream = BytesIO(record.value)
                         stream.seek(HEADER_SIZE)
                         state[key] = schemaless_reader(stream, schema, None)
+                    else:
+                        state[key] = record.value
             pending = [tp for tp in pending if await consumer.position(tp) < ends[tp]]
         took = time.perf_counter() - started
     finally:
@@ -83,16 +96,24 @@ async def limit_round(bootstrap: str, layout: TableLayout, codec: AvroCodec) -> 
     return Round(took, records, len(state))
 
 
+async def bytes_round(bootstrap: str, layout: TableLayout, codec: AvroCodec) -> Round:
+    """The limit loop keeping each value's bytes: the cost of reading alone."""
+    return await limit_round(bootstrap, layout, codec, decode=False)
+
+
 # -- resync: datasync until two no-op plugins returned from their resyncs ---------------------------
 
 
-def table_engine(bootstrap: str, layout: TableLayout, codec: AvroCodec) -> tuple[DataSync, list[KeyCounter]]:
-    """An engine on the table topic with one key-counting plugin per prefix."""
+def table_engine(
+    bootstrap: str, layout: TableLayout, codec: AvroCodec, read_values: bool = False
+) -> tuple[DataSync, list[KeyCounter]]:
+    """An engine on the table topic with one key-counting plugin per prefix (value-reading ones
+    with ``read_values``)."""
     engine = DataSync(
         KafkaSettings(bootstrap_servers=bootstrap, client_id="datasync-bench"), SyncSettings(create_topics=False)
     )
     engine.add_topic(topic_spec(layout.topic, layout.partitions), codec)
-    plugins = [KeyCounter() for _ in PREFIXES]
+    plugins = [(ValueReader() if read_values else KeyCounter()) for _ in PREFIXES]
     for n, (plugin, prefix) in enumerate(zip(plugins, PREFIXES, strict=True)):
         engine.watch(f"noop-{n}", plugin, {layout.topic: [prefix]})
     return engine, plugins
@@ -103,9 +124,9 @@ async def resynced(plugins: list[KeyCounter]) -> None:
         await asyncio.gather(*(p.done.wait() for p in plugins))
 
 
-async def resync_round(bootstrap: str, layout: TableLayout, codec: AvroCodec) -> Round:
+async def resync_round(bootstrap: str, layout: TableLayout, codec: AvroCodec, read_values: bool = False) -> Round:
     """From ``start()`` to both plugins having returned from their resync."""
-    engine, plugins = table_engine(bootstrap, layout, codec)
+    engine, plugins = table_engine(bootstrap, layout, codec, read_values)
     started = time.perf_counter()
     try:
         await engine.start()
@@ -114,6 +135,11 @@ async def resync_round(bootstrap: str, layout: TableLayout, codec: AvroCodec) ->
     finally:
         await engine.stop()
     return Round(took, layout.records, sum(p.keys for p in plugins))
+
+
+async def reading_round(bootstrap: str, layout: TableLayout, codec: AvroCodec) -> Round:
+    """The resync with plugins that read (decode) every value."""
+    return await resync_round(bootstrap, layout, codec, read_values=True)
 
 
 # -- memory: RSS growth of a fresh process, per live key ---------------------------------------------

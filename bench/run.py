@@ -24,9 +24,21 @@ from pathlib import Path
 from typing import Any
 
 from datagen import ensure_table, produce_live
-from phases import Round, limit_round, live_dict, live_phase, memory_child, memory_phase, resync_round
+from phases import (
+    Round,
+    bytes_round,
+    limit_round,
+    live_dict,
+    live_phase,
+    memory_child,
+    memory_phase,
+    reading_round,
+    resync_round,
+)
 from report import rows, summarize_rounds, table, write_json
 from workload import RESULTS, ROOT, GcClock, TableLayout, c_extensions, item_codec
+
+from datasync.codecs import AvroCodec
 
 PHASES = ("resync", "memory", "live")
 
@@ -41,7 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--latency-rate", type=int, default=5000, help="records/s of the latency test")
     p.add_argument("--latency-seconds", type=float, default=10.0, help="duration of the latency test")
     p.add_argument("--phases", default=",".join(PHASES), help=f"comma-separated subset of {','.join(PHASES)}")
-    p.add_argument("--profile", action="store_true", help="profile one limit and one resync round with pyinstrument")
+    p.add_argument("--profile", action="store_true", help="profile one round of each full read with pyinstrument")
     p.add_argument("--verbose", action="store_true", help="log the engine at INFO")
     # Internal: the phases that run in a fresh process.
     p.add_argument("--child-memory", action="store_true", help=argparse.SUPPRESS)
@@ -81,13 +93,21 @@ def warn_if_busy() -> None:
         progress(f"warning: load average {load:.2f} at start: other processes may skew the numbers")
 
 
+# The four full reads of the table topic, in the order each round runs them (names as in the JSON).
+MEASURES: dict[str, Callable[[str, TableLayout, AvroCodec], Awaitable[Round]]] = {
+    "limit_bytes": bytes_round,
+    "limit": limit_round,
+    "resync": resync_round,
+    "resync_reading": reading_round,
+}
+
+
 async def alternate(args: argparse.Namespace, bootstrap: str, layout: TableLayout) -> dict[str, Any]:
-    """Limit loop and resync, alternately, ``--rounds`` times each."""
+    """The limit loops and the resyncs, alternately, ``--rounds`` times each."""
     codec = item_codec()
-    limits: list[Round] = []
-    resyncs: list[Round] = []
+    runs: dict[str, list[Round]] = {name: [] for name in MEASURES}
     for n in range(1, args.rounds + 1):
-        for name, runs, measure in (("limit", limits, limit_round), ("resync", resyncs, resync_round)):
+        for name, measure in MEASURES.items():
             with GcClock() as gc_clock:
                 result = await measure(bootstrap, layout, codec)
             result.gc_seconds = gc_clock.seconds
@@ -96,8 +116,8 @@ async def alternate(args: argparse.Namespace, bootstrap: str, layout: TableLayou
                 raise RuntimeError(f"{name} found {result.keys} keys, expected {layout.live_keys}")
             took = f"{result.seconds:.2f}s ({result.gc_seconds:.2f}s in gc)"
             progress(f"round {n} {name}: {took}, {result.rate:,.0f} records/s")
-            runs.append(result)
-    return {"limit": summarize_rounds(limits), "resync": summarize_rounds(resyncs)}
+            runs[name].append(result)
+    return {name: summarize_rounds(rounds) for name, rounds in runs.items()}
 
 
 async def bench(args: argparse.Namespace, bootstrap: str, own_broker: bool) -> dict[str, Any]:
@@ -140,7 +160,7 @@ async def prepare_table(bootstrap: str, layout: TableLayout, results: dict[str, 
 
 
 async def profile(args: argparse.Namespace, bootstrap: str) -> dict[str, Any]:
-    """One limit and one resync round under pyinstrument; the text reports go to bench/results/."""
+    """One round of each full read under pyinstrument; the text reports go to bench/results/."""
     try:
         from pyinstrument import Profiler
     except ImportError:
@@ -149,9 +169,8 @@ async def profile(args: argparse.Namespace, bootstrap: str) -> dict[str, Any]:
     await prepare_table(bootstrap, layout, {"config": {}})
     codec = item_codec()
     RESULTS.mkdir(parents=True, exist_ok=True)
-    measures: dict[str, Callable[..., Awaitable[Round]]] = {"limit": limit_round, "resync": resync_round}
     out: dict[str, Any] = {}
-    for name, measure in measures.items():
+    for name, measure in MEASURES.items():
         profiler = Profiler(interval=0.001, async_mode="disabled")
         profiler.start()
         result = await measure(bootstrap, layout, codec)

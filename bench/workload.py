@@ -134,6 +134,20 @@ class KeyCounter(Plugin):
         self.changes += len(event.changes)
 
 
+class ValueReader(KeyCounter):
+    """A plugin whose resync reads (decodes) every value, as most real plugins do."""
+
+    async def resync(self, event: ResyncEvent) -> None:
+        n = 0
+        for items in event.values.values():
+            for kv in items:
+                if kv.value is not None:
+                    n += 1
+        self.keys = n
+        self.finished_at = time.perf_counter()
+        self.done.set()
+
+
 class ChangeCounter(Plugin):
     """A no-op plugin for the live phase; while ``latencies`` is a list it records, per change,
     (send time, delivery time - send time) in microseconds from the value's ``updated_us``."""
