@@ -214,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"datasync bench: {args.keys:,} keys, {results['config']['records']:,} records, 3 partitions")
     ext = results["environment"]["c_extensions"]
     print(
-        f"C extensions: aiokafka _crecords {ext['aiokafka_crecords']}, fastavro _read {ext['fastavro_read_compiled']}"
+        f"C extensions: aiokafka _crecords {ext['aiokafka_crecords']}, fastavro _read {ext['fastavro_read_compiled']},"
+        f" datasync _avrowalk {ext['datasync_avrowalk_compiled']}"
     )
     print(table(report))
     write_json(args.json, results, report)

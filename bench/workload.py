@@ -200,10 +200,12 @@ def rss_bytes() -> int:
 
 
 def c_extensions() -> dict[str, Any]:
-    """Whether aiokafka's record parser and fastavro's reader are the compiled ones."""
+    """Whether aiokafka's record parser, fastavro's reader and datasync's Avro walk are compiled."""
     import aiokafka.util
     import fastavro._read
     from aiokafka.record import default_records
+
+    from datasync import avrowalk
 
     batch_module = default_records.DefaultRecordBatch.__module__
     fastavro_file = getattr(fastavro._read, "__file__", "") or ""
@@ -212,4 +214,5 @@ def c_extensions() -> dict[str, Any]:
         "aiokafka_record_batch": batch_module,
         "fastavro_read_compiled": fastavro_file.endswith(".so"),
         "fastavro_read": fastavro_file,
+        "datasync_avrowalk_compiled": avrowalk.COMPILED,
     }

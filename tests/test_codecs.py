@@ -185,3 +185,29 @@ def test_top_level_union_referring_to_another_file(tmp_path: Path) -> None:
     (tmp_path / "Maybe.avsc").write_text(json.dumps(["null", "demo.Interface"]))
     store = SchemaStore.load(tmp_path)
     assert len({s.fullname for s in store.by_fingerprint.values()}) >= 2
+
+
+def test_poison_bodies_are_decode_errors(store: SchemaStore) -> None:
+    codec = AvroCodec(store, store.get("demo.Interface"))
+    header = codec.encode({"name": "eth0", "mtu": 1, "enabled": True})[:10]
+    for body, reason in [
+        (b"\x05eth0\x02\x01", "negative length -3"),
+        (b"\x08eth0\x02", "truncated"),
+        (b"\x08eth0\x02\x02", "boolean byte 2"),
+        (b"\x08eth0\x02\x01\x00", "1 trailing bytes"),
+    ]:
+        with pytest.raises(DecodeError, match=reason):
+            codec.decode(header + body)
+
+
+def test_logical_types_decode_with_fastavro(tmp_path: Path) -> None:
+    (tmp_path / "D.avsc").write_text(
+        '{"type":"record","name":"D","fields":[{"name":"day","type":{"type":"int","logicalType":"date"}}]}'
+    )
+    store = SchemaStore.load(tmp_path)
+    codec = AvroCodec(store, store.get("D"))
+    assert not codec.programs  # not compiled: fastavro decodes (and converts) these
+    raw = codec.encode({"day": 19000})
+    assert str(codec.decode(raw)["day"]) == "2022-01-08"
+    with pytest.raises(DecodeError):
+        codec.decode(raw[:10] + b"\xfe\xff\xff\xff\x0f")  # a date beyond the calendar

@@ -278,3 +278,48 @@ async def test_poison_records_go_to_the_dead_letter_topic(
 
 async def _gone(admin: AIOKafkaAdminClient, topic: str) -> bool:
     return topic not in await admin.list_topics()
+
+
+async def test_poison_records_never_reach_a_rebuilt_table(
+    bootstrap: str,
+    topic: str,
+    producer: AIOKafkaProducer,
+    engine_on: list[DataSync],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The rebuild's checking-only fold rejects what decoding would, and names the key."""
+    (tmp_path / "T.avsc").write_text(
+        '{"type":"record","name":"T","fields":[{"name":"n","type":"int"},'
+        '{"name":"u","type":["null","string"]},{"name":"e","type":{"type":"enum","name":"E","symbols":["A"]}}]}'
+    )
+    store = SchemaStore.load(tmp_path)
+    codec = AvroCodec(store, store.get("T"))
+    good = codec.encode({"n": 1, "u": "x", "e": "A"})  # body: 02 02 02 78 00
+    header = good[:10]
+    poison = {
+        "truncated": good[:-2],
+        "trailing": good + b"\x00",
+        "union": header + b"\x02\x04\x00",  # union index 2 of 2 branches
+        "negative": header + b"\x02\x02\x03xy\x00",  # string length -2
+        "enum": header + b"\x02\x00\x02",  # enum index 1 of 1 symbol
+        "int": header + b"\x80\x80\x80\x80\x10\x00\x00",  # int beyond 32 bits
+    }
+    spec = TopicSpec(name=topic, partitions=1, value="avro:T")
+    await prepare_topics(KafkaSettings(bootstrap_servers=bootstrap), [spec], create=True)
+    await put_all(producer, topic, [("good", good), *((key, good) for key in poison), *poison.items()])
+    engine = DataSync(KafkaSettings(bootstrap_servers=bootstrap), QUICK)
+    engine_on.append(engine)
+    engine.add_topic(spec, codec)
+    plugin = Recorder("p")
+    engine.watch("p", plugin, {topic: [""]})
+    await engine.start()
+    async with asyncio.timeout(20):
+        await engine.wait_ready()
+    # every key kept its last good value, and nothing undecodable reached the table
+    assert plugin.view == {key: {"n": 1, "u": "x", "e": "A"} for key in ["good", *poison]}
+    assert engine.metrics.bad_records.labels(topic, "undecodable value")._value.get() == len(poison)
+    warnings = [r.getMessage() for r in caplog.records if "skipped record" in r.getMessage()]
+    assert len(warnings) == len(poison)
+    for key, warning in zip(poison, warnings, strict=True):
+        assert f"key '{key}': undecodable value: " in warning

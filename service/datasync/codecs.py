@@ -15,14 +15,13 @@ from typing import Any, Protocol
 from fastavro import schemaless_reader, schemaless_writer
 from fastavro.validation import validate
 
+from datasync import avrowalk
+from datasync.avrowalk import HEADER_SIZE, MAGIC, NotCompiled, Program, compile_program
 from datasync.confluent import registry_codec
 from datasync.conform import conform
 from datasync.errors import DecodeError, EncodeError
 from datasync.registry import RegistryClient
 from datasync.schemas import Schema, SchemaStore
-
-MAGIC = b"\xc3\x01"
-HEADER_SIZE = 10
 
 
 class Codec(Protocol):
@@ -94,12 +93,27 @@ class JsonCodec:
 
 
 class AvroCodec:
-    """Avro single-object encoding; ``reader`` None means "decode with the writer's schema"."""
+    """Avro single-object encoding; ``reader`` None means "decode with the writer's schema".
+
+    Records whose writer schema needs no resolution (it is the reader, or there is no
+    reader) and has no logical types are checked and decoded by ``datasync.avrowalk``
+    (``programs``, by fingerprint); the others by fastavro with schema resolution.
+    """
 
     def __init__(self, store: SchemaStore, reader: Schema | None = None) -> None:
         self._writers = store.by_fingerprint
         self.reader = reader
         self.spec = "avro" if reader is None else f"avro:{reader.fullname}"
+        self.programs: dict[bytes, Program] = {}
+        compiled: dict[int, Program] = {}  # a schema's fingerprint and its aliases share one program
+        for fp, writer in store.by_fingerprint.items():
+            if reader is None or writer is reader:
+                try:
+                    if id(writer) not in compiled:
+                        compiled[id(writer)] = compile_program(writer.parsed, writer.fullname)
+                    self.programs[fp] = compiled[id(writer)]
+                except NotCompiled:
+                    pass
 
     def decode(self, raw: bytes) -> Any:
         if raw[:2] != MAGIC or len(raw) < HEADER_SIZE:
@@ -107,6 +121,12 @@ class AvroCodec:
         writer = self._writers.get(raw[2:HEADER_SIZE])
         if writer is None:
             raise DecodeError(f"unknown Avro schema fingerprint {raw[2:HEADER_SIZE].hex()}")
+        program = self.programs.get(raw[2:HEADER_SIZE])
+        if program is not None:
+            try:
+                return avrowalk.decode(program, raw)
+            except ValueError as exc:
+                raise DecodeError(str(exc)) from None
         reader = self.reader
         stream = BytesIO(raw)
         stream.seek(HEADER_SIZE)

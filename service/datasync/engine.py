@@ -41,7 +41,7 @@ from datasync.ingest import Ingest
 from datasync.metrics import Metrics
 from datasync.probe import BrokerProbe
 from datasync.publish import Publisher, Publishing
-from datasync.reader import Batch, TableReader
+from datasync.reader import REBUILD_MAX_RECORDS, Batch, TableReader
 from datasync.registration import Registration, ResyncMode
 from datasync.replay import Replayer
 from datasync.settings import KafkaSettings, SyncSettings
@@ -493,7 +493,7 @@ class DataSync:
                 break
             progress.report(sum(left.values()))
             self.last_step = time.monotonic()
-            batch = await reader.fetch(timeout_ms=200)
+            batch = await reader.fetch(timeout_ms=200, max_records=REBUILD_MAX_RECORDS)
             await self._ingest.prepare(batch)
             for tp, records in batch.items():
                 self._ingest.fold_all(tables[tp.topic], records)

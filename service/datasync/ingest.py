@@ -5,7 +5,7 @@ in their own state) share one string per key instead of holding two.
 
 A record that cannot be applied (no key, a key that is not UTF-8, an oversized
 or undecodable value) never reaches the table, so the key keeps its last good
-value. It is counted, logged with topic/partition/offset, and kept in
+value. It is counted, logged with topic/partition/offset and key, and kept in
 ``rejected`` for the dead-letter topic.
 """
 
@@ -19,9 +19,10 @@ from typing import TypeAlias
 
 from aiokafka import ConsumerRecord, TopicPartition
 
+from datasync import avrowalk
 from datasync.api import Change
 from datasync.bindings import TopicSpec
-from datasync.codecs import Codec
+from datasync.codecs import AvroCodec, Codec
 from datasync.confluent import prepare_decode
 from datasync.metrics import Metrics
 from datasync.table import StateTable, pack, same_value
@@ -57,32 +58,17 @@ class Ingest:
     def fold_all(self, table: StateTable, records: list[Record]) -> None:
         """Fold records into ``table`` without producing changes (table rebuild).
 
-        The hot loop of a resync: the same rules as ``fold``, written out flat.
+        The hot loop of a resync, ``avrowalk.fold``: the same rules as ``fold``, but Avro
+        values are only checked (the table keeps the bytes), without building objects.
         """
         topic, data = table.topic, table.data
-        decode, limit = self._codecs[topic].decode, self._limits[topic]
-        for record in records:
-            raw_key, raw = record.key, record.value
-            if raw_key is None:
-                self._reject(topic, record, "null key", "a compacted topic needs keys")
-                continue
-            try:
-                key = intern(raw_key.decode())
-            except UnicodeDecodeError as exc:
-                self._reject(topic, record, "key not UTF-8", str(exc))
-                continue
-            if raw is None:
-                data.pop(key, None)
-                continue
-            if limit is not None and len(raw) > limit:
-                self._reject(topic, record, "oversized value", f"{len(raw)} bytes > max_value_bytes {limit}")
-                continue
-            try:
-                decode(raw)  # validation only: the table keeps the bytes
-            except Exception as exc:  # DecodeError, or whatever a custom codec raises
-                self._reject(topic, record, "undecodable value", str(exc))
-                continue
-            data[key] = pack(raw, record.offset, record.partition, record.timestamp)
+        codec, limit = self._codecs[topic], self._limits[topic]
+        programs = codec.programs if isinstance(codec, AvroCodec) else None
+        start = 0
+        while bad := avrowalk.fold(records, start, data, programs, codec.decode, -1 if limit is None else limit):
+            index, reason, detail = bad
+            self._reject(topic, records[index], reason, detail)
+            start = index + 1
         table.keys_changed()
         self._metrics.records.labels(topic).inc(len(records))
 
@@ -124,7 +110,17 @@ class Ingest:
     def _reject(self, topic: str, record: Record, reason: str, detail: str) -> None:
         self._metrics.bad_records.labels(topic, reason).inc()
         log.warning(
-            "skipped record %s/%d@%d: %s: %s (the key keeps its previous value)",
-            *(topic, record.partition, record.offset, reason, detail),
+            "skipped record %s/%d@%d key %s: %s: %s (the key keeps its previous value)",
+            *(topic, record.partition, record.offset, _key_text(record.key), reason, detail),
         )
         self.rejected.append(Rejected(topic, record, reason, detail))
+
+
+def _key_text(raw_key: bytes | None) -> str:
+    """A record key for a log line: quoted text if it is UTF-8, else the bytes' repr."""
+    if raw_key is None:
+        return "(none)"
+    try:
+        return repr(raw_key.decode())
+    except UnicodeDecodeError:
+        return repr(raw_key)

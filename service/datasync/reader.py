@@ -16,6 +16,10 @@ from datasync.settings import KafkaSettings
 
 Batch = dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]
 
+# Records per fetch while tables are rebuilt: no plugin waits on those batches, and fewer,
+# larger ones mean fewer rounds of position checks (memory stays bounded by the fetch sizes).
+REBUILD_MAX_RECORDS = 100_000
+
 
 class TableReader:
     def __init__(self, kafka: KafkaSettings, max_records: int) -> None:
@@ -82,8 +86,9 @@ class TableReader:
                 out[tp] = max(0, highwater - await consumer.position(tp))
         return out
 
-    async def fetch(self, timeout_ms: int) -> Batch:
-        batch: Batch = await self.consumer.getmany(timeout_ms=timeout_ms, max_records=self._max_records)
+    async def fetch(self, timeout_ms: int, max_records: int | None = None) -> Batch:
+        """At most ``max_records`` (default: the CHANGE batch size) records, by partition."""
+        batch: Batch = await self.consumer.getmany(timeout_ms=timeout_ms, max_records=max_records or self._max_records)
         return batch
 
 
