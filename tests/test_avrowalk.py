@@ -14,6 +14,11 @@ from fastavro import parse_schema, schemaless_reader, schemaless_writer
 
 from datasync import avrowalk
 from datasync.avrowalk import NotCompiled, Program, compile_program
+from datasync.bindings import TopicSpec
+from datasync.codecs import BytesCodec
+from datasync.ingest import Ingest
+from datasync.metrics import Metrics
+from datasync.table import StateTable
 
 try:
     from datasync import _avrowalk as compiled
@@ -183,7 +188,7 @@ def test_compiled_and_python_folds_agree() -> None:
     for fold in (compiled.fold, avrowalk.fold_py):
         data: dict[str, bytes] = {}
         rejected, start = [], 0
-        while (bad := fold(records, start, data, programs, fallback, 4096)) is not None:
+        while (bad := fold(records, start, data, programs, fallback, 4096, True)) is not None:
             rejected.append(bad)
             start = bad[0] + 1
         results.append((data, rejected))
@@ -199,3 +204,15 @@ def test_compiled_and_python_folds_agree() -> None:
     assert rejected[4][2] == "fallback refused 11 bytes"
     assert list(data) == ["e"]
     assert data["e"] == avrowalk.pack(good, 7, 1, 1_700_000_000_007)
+
+
+def test_rebuilt_tables_share_keys_with_the_previous_build() -> None:
+    ingest = Ingest({"t": TopicSpec(name="t", partitions=1, value="bytes")}, {"t": BytesCodec()}, Metrics(), False)
+    first = StateTable("t")
+    ingest.fold_all(first, [record(b"config/k1", b"v", 0)])
+    [kept] = first.data  # what a plugin got from the first build
+    ingest.before_rebuild([first])
+    second = StateTable("t")
+    ingest.fold_all(second, [record(b"config/k1", b"w", 1)])
+    [rebuilt] = second.data
+    assert rebuilt == kept and rebuilt is kept

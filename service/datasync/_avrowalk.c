@@ -351,15 +351,16 @@ static int attr_ll(PyObject *record, PyObject *name, long long *out) {
     return (*out == -1 && PyErr_Occurred()) ? -1 : 0;
 }
 
-/* fold(records, start, data, programs, fallback, limit): see avrowalk.fold_py. */
+/* fold(records, start, data, programs, fallback, limit, intern): see avrowalk.fold_py. */
 static PyObject *py_fold(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 6 || !PyList_Check(args[0]) || !PyDict_Check(args[2])) {
-        PyErr_SetString(PyExc_TypeError, "fold(records: list, start, data: dict, programs, fallback, limit)");
+    if (nargs != 7 || !PyList_Check(args[0]) || !PyDict_Check(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "fold(records: list, start, data: dict, programs, fallback, limit, intern)");
         return NULL;
     }
     PyObject *records = args[0], *data = args[2], *programs = args[3], *fallback = args[4];
     Py_ssize_t start = PyLong_AsSsize_t(args[1]);
     long long limit = PyLong_AsLongLong(args[5]);
+    int intern = PyObject_IsTrue(args[6]);
     if (PyErr_Occurred()) return NULL;
     if (programs != Py_None && !PyDict_Check(programs)) {
         PyErr_SetString(PyExc_TypeError, "programs must be a dict or None");
@@ -387,7 +388,7 @@ static PyObject *py_fold(PyObject *self, PyObject *const *args, Py_ssize_t nargs
             if (!PyErr_ExceptionMatches(PyExc_UnicodeDecodeError)) return NULL;
             return rejection(i, "key not UTF-8", caught());
         }
-        PyUnicode_InternInPlace(&key);
+        if (intern) PyUnicode_InternInPlace(&key);
         PyObject *raw = PyObject_GetAttr(record, s_value);
         if (raw == NULL) { Py_DECREF(key); return NULL; }
         if (raw == Py_None) {

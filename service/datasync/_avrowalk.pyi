@@ -13,5 +13,6 @@ def fold(
     programs: dict[bytes, Program] | None,
     fallback: Callable[[bytes], Any],
     limit: int,
+    intern: bool,
     /,
 ) -> Rejection | None: ...

@@ -257,12 +257,14 @@ def fold_py(
     programs: dict[bytes, Program] | None,
     fallback: Callable[[bytes], Any],
     limit: int,
+    interned: bool,
 ) -> Rejection | None:
     """Fold ``records[start:]`` into ``data`` (key -> packed state, tombstones delete) until one
     cannot be applied; return it (index, reason, detail), or None once all are folded.
 
     Values are checked with their writer's program when ``programs`` has one, else
-    with ``fallback`` (the codec's decode). ``limit`` < 0: no size limit.
+    with ``fallback`` (the codec's decode). ``limit`` < 0: no size limit. Keys are
+    interned if ``interned``.
     """
     for i in range(start, len(records)):
         record = records[i]
@@ -270,9 +272,11 @@ def fold_py(
         if raw_key is None:
             return i, "null key", "a compacted topic needs keys"
         try:
-            key = intern(raw_key.decode())
+            key = raw_key.decode()
         except UnicodeDecodeError as exc:
             return i, "key not UTF-8", str(exc)
+        if interned:
+            key = intern(key)
         if raw is None:
             data.pop(key, None)
             continue
@@ -294,7 +298,7 @@ def fold_py(
 
 check: Callable[[Program, bytes], None] = check_py
 decode: Callable[[Program, bytes], Any] = decode_py
-Fold = Callable[[Records, int, dict[str, bytes], Programs | None, Callable[[bytes], Any], int], Rejection | None]
+Fold = Callable[[Records, int, dict[str, bytes], Programs | None, Callable[[bytes], Any], int, bool], Rejection | None]
 fold: Fold = fold_py
 try:  # the compiled walk, if pip built it
     from datasync import _avrowalk

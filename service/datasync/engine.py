@@ -467,6 +467,7 @@ class DataSync:
         log.info("full resync (%s): reading %d topic(s) to their end", reason, len(self._topics))
         if self.generation:  # topics may have been recreated, with other partitions
             reader.assign(await prepare_topics(self.kafka, list(self._topics.values()), create=False))
+        self._ingest.before_rebuild(self._tables.values())
         tables = {name: StateTable(name) for name in self._topics}
         # Keep the old tables only for delta-mode plugins that were in sync with them (and keep
         # them across failed attempts: a half-read table is no base); otherwise free them first,

@@ -1,7 +1,10 @@
 """Folding records into state tables: validate, decode, update, and say what changed.
 
-Keys are interned: after a rebuild the table and the plugins (which keep keys
-in their own state) share one string per key instead of holding two.
+Keys are interned from the first rebuild on: after a rebuild the table and the
+plugins (which keep keys in their own state) share one string per key instead
+of holding two. The first build does not intern (nobody holds keys yet, and it
+is the load everyone waits for); the first rebuild interns the keys the plugins
+got from it before reading anew.
 
 A record that cannot be applied (no key, a key that is not UTF-8, an oversized
 or undecodable value) never reaches the table, so the key keeps its last good
@@ -12,7 +15,7 @@ value. It is counted, logged with topic/partition/offset and key, and kept in
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from sys import intern
 from typing import TypeAlias
@@ -48,12 +51,23 @@ class Ingest:
         self._limits = {name: spec.max_value_bytes for name, spec in topics.items()}
         self._metrics = metrics
         self._emit_identical = emit_identical_puts
+        self._interning = False
         self.rejected: list[Rejected] = []
 
     async def prepare(self, batch: Mapping[TopicPartition, list[Record]]) -> None:
         """Before folding: let codecs load what decoding needs (registry schemas), waiting if it is away."""
         for tp, records in batch.items():
             await prepare_decode(self._codecs[tp.topic], (record.value for record in records))
+
+    def before_rebuild(self, tables: Iterable[StateTable]) -> None:
+        """Intern the keys of the tables about to be replaced, once: from now on rebuilt
+        tables share their key strings with whoever kept keys from these."""
+        if self._interning:
+            return
+        for table in tables:
+            for key in table.data:
+                self._interning = True
+                intern(key)
 
     def fold_all(self, table: StateTable, records: list[Record]) -> None:
         """Fold records into ``table`` without producing changes (table rebuild).
@@ -65,7 +79,8 @@ class Ingest:
         codec, limit = self._codecs[topic], self._limits[topic]
         programs = codec.programs if isinstance(codec, AvroCodec) else None
         start = 0
-        while bad := avrowalk.fold(records, start, data, programs, codec.decode, -1 if limit is None else limit):
+        limit_bytes, interning = -1 if limit is None else limit, self._interning
+        while bad := avrowalk.fold(records, start, data, programs, codec.decode, limit_bytes, interning):
             index, reason, detail = bad
             self._reject(topic, records[index], reason, detail)
             start = index + 1
