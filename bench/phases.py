@@ -48,6 +48,7 @@ class Round:
     records: int
     keys: int
     gc_seconds: float = 0.0  # of ``seconds``, in the cyclic garbage collector
+    cpu_seconds: float = 0.0  # CPU time of this process meanwhile (less sensitive to a busy machine)
 
     @property
     def rate(self) -> float:
@@ -62,7 +63,7 @@ async def limit_round(bootstrap: str, layout: TableLayout, codec: AvroCodec, dec
     fastavro (``decode``), or its bytes kept as they are."""
     assert codec.reader is not None
     schema = codec.reader.parsed
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     consumer = AIOKafkaConsumer(
         bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False, auto_offset_reset="earliest", **FETCH
     )
@@ -90,10 +91,10 @@ async def limit_round(bootstrap: str, layout: TableLayout, codec: AvroCodec, dec
                     else:
                         state[key] = record.value
             pending = [tp for tp in pending if await consumer.position(tp) < ends[tp]]
-        took = time.perf_counter() - started
+        took, cpu = time.perf_counter() - started, time.process_time() - cpu
     finally:
         await consumer.stop()
-    return Round(took, records, len(state))
+    return Round(took, records, len(state), cpu_seconds=cpu)
 
 
 async def bytes_round(bootstrap: str, layout: TableLayout, codec: AvroCodec) -> Round:
@@ -127,14 +128,15 @@ async def resynced(plugins: list[KeyCounter]) -> None:
 async def resync_round(bootstrap: str, layout: TableLayout, codec: AvroCodec, read_values: bool = False) -> Round:
     """From ``start()`` to both plugins having returned from their resync."""
     engine, plugins = table_engine(bootstrap, layout, codec, read_values)
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     try:
         await engine.start()
         await resynced(plugins)
         took = max(p.finished_at for p in plugins) - started
+        cpu = max(p.finished_cpu for p in plugins) - cpu
     finally:
         await engine.stop()
-    return Round(took, layout.records, sum(p.keys for p in plugins))
+    return Round(took, layout.records, sum(p.keys for p in plugins), cpu_seconds=cpu)
 
 
 async def reading_round(bootstrap: str, layout: TableLayout, codec: AvroCodec) -> Round:

@@ -42,6 +42,8 @@ def summarize_rounds(rounds: list[Round]) -> dict[str, Any]:
         "records": fastest.records,
         "keys": fastest.keys,
         "gc_seconds": fastest.gc_seconds,
+        "cpu_seconds": fastest.cpu_seconds,
+        "best_cpu_seconds": min(r.cpu_seconds for r in rounds),
         "records_per_s": fastest.rate,
         "rounds_seconds": [r.seconds for r in rounds],
     }
@@ -79,6 +81,10 @@ def rows(results: dict[str, Any]) -> list[Row]:
             results[key + "_median"] = mine["median_seconds"] / theirs["median_seconds"]
             times = f"{ratio:.2f}x ({mine['best_seconds']:.2f}s / {theirs['best_seconds']:.2f}s)"
             out.append(Row(name, times, f"<= {bound:.2f}x", ratio <= bound))
+            cpu = mine["best_cpu_seconds"] / theirs["best_cpu_seconds"]
+            results[key + "_cpu"] = cpu
+            times = f"{cpu:.2f}x ({mine['best_cpu_seconds']:.2f}s / {theirs['best_cpu_seconds']:.2f}s)"
+            out.append(Row("  in CPU time of the process", times))
     live = results.get("live")
     if live:
         rate = live["dispatched_per_s"]

@@ -114,7 +114,7 @@ async def alternate(args: argparse.Namespace, bootstrap: str, layout: TableLayou
             gc.collect()
             if result.keys != layout.live_keys:
                 raise RuntimeError(f"{name} found {result.keys} keys, expected {layout.live_keys}")
-            took = f"{result.seconds:.2f}s ({result.gc_seconds:.2f}s in gc)"
+            took = f"{result.seconds:.2f}s ({result.gc_seconds:.2f}s in gc, {result.cpu_seconds:.2f}s CPU)"
             progress(f"round {n} {name}: {took}, {result.rate:,.0f} records/s")
             runs[name].append(result)
     return {name: summarize_rounds(rounds) for name, rounds in runs.items()}

@@ -117,7 +117,7 @@ class KeyCounter(Plugin):
     def __init__(self) -> None:
         self.keys = 0
         self.changes = 0
-        self.finished_at = 0.0
+        self.finished_at = self.finished_cpu = 0.0
         self.done = asyncio.Event()
 
     async def resync(self, event: ResyncEvent) -> None:
@@ -127,7 +127,7 @@ class KeyCounter(Plugin):
                 if kv.key:
                     n += 1
         self.keys = n
-        self.finished_at = time.perf_counter()
+        self.finished_at, self.finished_cpu = time.perf_counter(), time.process_time()
         self.done.set()
 
     async def change(self, event: ChangeEvent) -> None:
@@ -144,7 +144,7 @@ class ValueReader(KeyCounter):
                 if kv.value is not None:
                     n += 1
         self.keys = n
-        self.finished_at = time.perf_counter()
+        self.finished_at, self.finished_cpu = time.perf_counter(), time.process_time()
         self.done.set()
 
 
