@@ -212,6 +212,21 @@ async def test_hanging_plugin_times_out_and_fetching_pauses(
     assert journal[:2] == [("resync", "hangs"), ("resync", "after")]
 
 
+async def recorded(
+    bootstrap: str, spec: TopicSpec, codec: AvroCodec, engine_on: list[DataSync]
+) -> tuple[DataSync, Recorder]:
+    """A started engine on ``spec`` with one recording plugin watching all of it, ready."""
+    engine = DataSync(KafkaSettings(bootstrap_servers=bootstrap), QUICK)
+    engine_on.append(engine)
+    engine.add_topic(spec, codec)
+    plugin = Recorder("p")
+    engine.watch("p", plugin, {spec.name: [""]})
+    await engine.start()
+    async with asyncio.timeout(20):
+        await engine.wait_ready()
+    return engine, plugin
+
+
 async def test_poison_records_go_to_the_dead_letter_topic(
     bootstrap: str, topic: str, producer: AIOKafkaProducer, engine_on: list[DataSync], tmp_path: Path
 ) -> None:
@@ -221,14 +236,7 @@ async def test_poison_records_go_to_the_dead_letter_topic(
     codec = AvroCodec(store, store.get("T"))
     dlq = f"{topic}.dlq"
     spec = TopicSpec(name=topic, partitions=1, value="avro:T", dead_letter=dlq, max_value_bytes=64)
-    engine = DataSync(KafkaSettings(bootstrap_servers=bootstrap), QUICK)
-    engine_on.append(engine)
-    engine.add_topic(spec, codec)
-    plugin = Recorder("p")
-    engine.watch("p", plugin, {topic: [""]})
-    await engine.start()
-    async with asyncio.timeout(20):
-        await engine.wait_ready()
+    engine, plugin = await recorded(bootstrap, spec, codec, engine_on)
     good = codec.encode({"n": 1})
     unknown_schema = b"\xc3\x01" + b"\x01" * 8 + b"\x02"
     other_schema = AvroCodec(store).encode({"s": "not a T"}, store.get("U"))  # a known schema that is not T
@@ -308,14 +316,7 @@ async def test_poison_records_never_reach_a_rebuilt_table(
     spec = TopicSpec(name=topic, partitions=1, value="avro:T")
     await prepare_topics(KafkaSettings(bootstrap_servers=bootstrap), [spec], create=True)
     await put_all(producer, topic, [("good", good), *((key, good) for key in poison), *poison.items()])
-    engine = DataSync(KafkaSettings(bootstrap_servers=bootstrap), QUICK)
-    engine_on.append(engine)
-    engine.add_topic(spec, codec)
-    plugin = Recorder("p")
-    engine.watch("p", plugin, {topic: [""]})
-    await engine.start()
-    async with asyncio.timeout(20):
-        await engine.wait_ready()
+    engine, plugin = await recorded(bootstrap, spec, codec, engine_on)
     # every key kept its last good value, and nothing undecodable reached the table
     assert plugin.view == {key: {"n": 1, "u": "x", "e": "A"} for key in ["good", *poison]}
     assert engine.metrics.bad_records.labels(topic, "undecodable value")._value.get() == len(poison)
