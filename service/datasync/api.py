@@ -20,7 +20,8 @@ from datasync.table import Entry, Packed, StateTable, value_of
 if TYPE_CHECKING:
     from datasync.views import TableView
 
-Op = Literal["put", "delete"]
+# "release" only with a group, in delta mode: the key moved to another member (it still exists).
+Op = Literal["put", "delete", "release"]
 
 # (start positions, end positions) -> batches of the changes in between; see datasync.replay
 Replay = Callable[[Mapping[tuple[str, int], int], Mapping[tuple[str, int], int]], AsyncGenerator[list["Change"], None]]

@@ -38,6 +38,7 @@ class ApplyStatus:
             if c.key in failed
             else (c.key, None if c.op == "delete" else self._value(c.revision, None))
             for c in event.changes
+            if c.op != "release"  # the key's new owner reports it
         ]
         await self._publish(lines)
 

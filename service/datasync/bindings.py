@@ -42,6 +42,9 @@ class TopicSpec(_Model):
     config: dict[str, str] = Field(default_factory=dict, description="extra topic configs")
     max_value_bytes: int | None = Field(default=None, ge=1, description="larger values are rejected")
     dead_letter: str | None = Field(default=None, description="topic receiving copies of rejected records")
+    sharding: Literal["replicated", "partitioned"] = Field(
+        default="replicated", description="with a group: every member reads it, or each reads the partitions it owns"
+    )
 
     @field_validator("name", "dead_letter")
     @classmethod
@@ -131,6 +134,13 @@ def load_bindings(topics_dir: Path, schemas_dir: Path, registry: RegistrySetting
             except ValueError as exc:
                 raise ConfigError(source, f"{where}.value", str(exc)) from exc
             topics[spec.name] = Topic(spec, codec, source)
+    partitioned = [(source, i, spec) for source, doc in parsed for i, spec in enumerate(doc.topics)
+                   if spec.sharding == "partitioned"]  # fmt: skip
+    try:
+        check_copartitioned({spec.name: spec.partitions for _, _, spec in partitioned})
+    except ValueError as exc:
+        source, i, _ = next(p for p in partitioned if p[2].partitions != partitioned[0][2].partitions)
+        raise ConfigError(source, f"topics[{i}].partitions", str(exc)) from exc
     publishers: dict[str, PublisherSpec] = {}
     for source, doc in parsed:
         for i, pub in enumerate(doc.publishers):
@@ -185,6 +195,16 @@ def load_bindings(topics_dir: Path, schemas_dir: Path, registry: RegistrySetting
                 raise ConfigError(source, f"{where}.settings" + (f".{loc}" if loc else ""), message) from exc
             plugins.append(PluginBinding(plugin, factory, source, where))
     return Bindings(topics, publishers, plugins, schemas)
+
+
+def check_copartitioned(partitions: dict[str, int]) -> None:
+    """Partitioned topics are co-partitioned (partition p of each goes to one member): equal counts.
+
+    Raises ValueError naming the topics and their counts.
+    """
+    if len(set(partitions.values())) > 1:
+        counts = ", ".join(f"{name} has {n}" for name, n in sorted(partitions.items()))
+        raise ValueError(f"partitioned topics must have equal partition counts (co-partitioned): {counts}")
 
 
 def import_plugin(path: str) -> type:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 
 from datasync.api import ChangeEvent, PluginContext, ResyncEvent
@@ -134,11 +135,8 @@ class PluginCalls:
                 await reg.apply_status.changed(event, None)
             reg.status.changes_applied += len(event.changes)
             reg.status.last_error = None
-            puts = sum(1 for c in event.changes if c.op == "put")
-            if puts:
-                self._metrics.changes.labels(reg.name, "put").inc(puts)
-            if len(event.changes) > puts:
-                self._metrics.changes.labels(reg.name, "delete").inc(len(event.changes) - puts)
+            for op, n in Counter(c.op for c in event.changes).items():
+                self._metrics.changes.labels(reg.name, op).inc(n)
             return True
         return False
 

@@ -13,6 +13,15 @@ in one Kafka transaction. On restart the feed reads its checkpoints and emits,
 through a replay of the source, exactly the changes after them. Consumers of
 the outbound topic must read with ``isolation_level=read_committed``.
 
+Each source partition has its own transactional producer (transactional id
+``<base>-<topic>-<partition>``), created when the partition becomes this
+instance's (the resync's ``positions``) and closed when it goes. Creating it
+fences any other holder of that id, a previous owner still writing (a zombie),
+and aborts its open transaction; the checkpoints are read after that, so the
+new owner carries on exactly where the last committed write stopped. A producer
+that fails (fenced, or the broker gone) is dropped; the failed change makes the
+engine resync the feed, which creates it again.
+
     plugins:
       - name: interfaces-feed
         class: datasync.changefeed:Changefeed
@@ -22,6 +31,7 @@ the outbound topic must read with ``isolation_level=read_committed``.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Iterable
 from contextlib import aclosing
@@ -81,22 +91,30 @@ class Changefeed(Plugin):
         self.checkpoint_topic = settings.checkpoint_topic or f"{self.out.topic}.checkpoints"
         spec = TopicSpec(name=self.checkpoint_topic, partitions=1, compacted=True)
         await prepare_topics(self.kafka, [spec], create=True)
-        transactional_id = settings.transactional_id or f"datasync-changefeed-{ctx.name}"
-        # Starting a producer with this id fences an older incarnation and aborts its open transaction.
-        self.producer = AIOKafkaProducer(**self.kafka.client_options(), transactional_id=transactional_id)
-        await self.producer.start()
+        self.transactional_id = settings.transactional_id or f"datasync-changefeed-{ctx.name}"
+        self.producers: dict[Partition, AIOKafkaProducer] = {}  # per owned source partition
         self.emitted: dict[Partition, int] = {}  # per source partition: the next offset to emit
 
     async def stop(self) -> None:
-        await self.producer.stop()
+        await self._close(set(self.producers))
 
     async def resync(self, event: ResyncEvent) -> None:
-        """Catch up from the checkpoints to the snapshot, then carry on from the snapshot."""
-        self.emitted = await self._read_checkpoints()
-        for p, n in event.positions.items():
-            if self.emitted.get(p, 0) > n:  # the source topic was recreated: its offsets started again
+        """Own the snapshot's partitions, catch up from their checkpoints, then carry on from the snapshot."""
+        await self._close(set(self.producers) - set(event.positions))
+        for p in sorted(set(event.positions) - set(self.producers)):
+            # Starting a producer with this id fences any other holder and aborts its open transaction.
+            producer = AIOKafkaProducer(
+                **self.kafka.client_options(), transactional_id=f"{self.transactional_id}-{p[0]}-{p[1]}"
+            )
+            await producer.start()
+            self.producers[p] = producer
+        self.emitted, ends = await self._read_checkpoints(list(event.positions))
+        for p in event.positions:
+            # Past the snapshot but not past the end: another member emitted further; those changes are
+            # skipped as they arrive. Past the end: the source topic was recreated, its offsets started again.
+            if self.emitted.get(p, 0) > ends[p]:
                 self.log.warning(
-                    "checkpoint of %s/%d is past its end (%d > %d): starting afresh", *p, self.emitted[p], n
+                    "checkpoint of %s/%d is past its end (%d > %d): starting afresh", *p, self.emitted[p], ends[p]
                 )
                 del self.emitted[p]
         todo = {p: n for p, n in event.positions.items() if self.emitted.get(p, n) < n}
@@ -117,8 +135,10 @@ class Changefeed(Plugin):
         await self._emit([], [], dict(event.positions))  # everything before the snapshot is done
 
     async def change(self, event: ChangeEvent) -> None:
-        # A change at or before the checkpoint was emitted already (by the catch-up or a committed retry).
-        todo = [c for c in event.changes if c.revision >= self.emitted.get((c.topic, c.partition), 0)]
+        # Only owned partitions (another member writes the rest); a change at or before the checkpoint was
+        # emitted already (by the catch-up or a committed retry).
+        todo = [c for c in event.changes if (c.topic, c.partition) in self.producers
+                and c.revision >= self.emitted.get((c.topic, c.partition), 0)]  # fmt: skip
         await self._emit([self._envelope(c) for c in todo], todo, {})
 
     def _envelope(self, change: Change) -> list[tuple[str, Any]]:
@@ -143,23 +163,51 @@ class Changefeed(Plugin):
     async def _emit(
         self, envelopes: Iterable[list[tuple[str, Any]]], changes: list[Change], positions: dict[Partition, int]
     ) -> None:
-        """Send the envelopes and the new checkpoints in one transaction."""
-        records = [(key.encode(), None if v is None else self.out.codec.encode(v)) for e in envelopes for key, v in e]
+        """Send the envelopes and the new checkpoints: one transaction per source partition."""
+        records: dict[Partition, list[tuple[bytes, bytes | None]]] = {}
+        for envelope in envelopes:  # an envelope, maybe followed by a tombstone of the same key
+            source = envelope[0][1]["source"]
+            out = records.setdefault((source["topic"], source["partition"]), [])
+            out += [(key.encode(), None if v is None else self.out.codec.encode(v)) for key, v in envelope]
         done = dict(positions)
         for c in changes:
             done[(c.topic, c.partition)] = max(done.get((c.topic, c.partition), 0), c.revision + 1)
         done = {p: n for p, n in done.items() if p not in self.emitted or n > self.emitted[p]}
-        if not records and not done:
-            return
-        async with self.producer.transaction():
-            for key, value in records:
-                await self.producer.send(self.out.topic, value, key=key)
-            for (topic, partition), offset in done.items():
-                checkpoint = json.dumps({"offset": offset}).encode()
-                await self.producer.send(self.checkpoint_topic, checkpoint, key=f"{topic}/{partition}".encode())
-        self.emitted.update(done)
+        todo = sorted(set(records) | set(done))
+        results = await asyncio.gather(*(self._commit(p, records.get(p, []), done.get(p)) for p in todo),
+                                       return_exceptions=True)  # fmt: skip
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            raise errors[0]
 
-    async def _read_checkpoints(self) -> dict[Partition, int]:
+    async def _commit(self, p: Partition, records: list[tuple[bytes, bytes | None]], checkpoint: int | None) -> None:
+        producer = self.producers[p]
+        try:
+            async with producer.transaction():
+                for key, value in records:
+                    await producer.send(self.out.topic, value, key=key)
+                if checkpoint is not None:
+                    value = json.dumps({"offset": checkpoint}).encode()
+                    await producer.send(self.checkpoint_topic, value, key=f"{p[0]}/{p[1]}".encode())
+        except Exception:
+            # Fenced (another member took the partition) or broken: never reuse it. If this instance
+            # still owns the partition, the resync that follows the failed change creates a new one.
+            await self._close({p})
+            raise
+        if checkpoint is not None:
+            self.emitted[p] = checkpoint
+
+    async def _close(self, partitions: set[Partition]) -> None:
+        for p in sorted(partitions):
+            producer = self.producers.pop(p, None)
+            if producer is not None:
+                try:
+                    await producer.stop()
+                except Exception as exc:  # a fenced producer may fail to close cleanly; it is gone either way
+                    self.log.warning("closing the producer of %s/%d: %r", *p, exc)
+
+    async def _read_checkpoints(self, sources: list[Partition]) -> tuple[dict[Partition, int], dict[Partition, int]]:
+        """The checkpoints, and the end offsets of the ``sources`` partitions."""
         consumer = AIOKafkaConsumer(
             **self.kafka.client_options(), enable_auto_commit=False, isolation_level="read_committed"
         )
@@ -179,6 +227,7 @@ class Changefeed(Plugin):
                         found.pop((topic, int(partition)), None)
                     else:
                         found[(topic, int(partition))] = int(json.loads(record.value)["offset"])
-            return found
+            source_ends = await consumer.end_offsets([TopicPartition(*p) for p in sources])
+            return found, {(tp.topic, tp.partition): n for tp, n in source_ends.items()}
         finally:
             await consumer.stop()

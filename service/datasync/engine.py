@@ -37,6 +37,7 @@ from datasync.confluent import prepare_encode
 from datasync.deadletter import DeadLetters
 from datasync.delivery import Deliveries
 from datasync.errors import ConfigError, TopicError
+from datasync.fleet import Fleet
 from datasync.ingest import Ingest
 from datasync.metrics import Metrics
 from datasync.probe import BrokerProbe
@@ -44,7 +45,7 @@ from datasync.publish import Publisher, Publishing
 from datasync.reader import REBUILD_MAX_RECORDS, Batch, TableReader
 from datasync.registration import Registration, ResyncMode
 from datasync.replay import Replayer
-from datasync.settings import KafkaSettings, SyncSettings
+from datasync.settings import GroupSettings, KafkaSettings, SyncSettings
 from datasync.status import PluginState, PluginStatus
 from datasync.table import Entry, StateTable, same_value, value_of
 from datasync.views import TableView
@@ -76,9 +77,17 @@ class Progress:
 class DataSync:
     """Keeps state tables of compacted topics and synchronises plugins with them."""
 
-    def __init__(self, kafka: KafkaSettings, sync: SyncSettings | None = None, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        kafka: KafkaSettings,
+        sync: SyncSettings | None = None,
+        metrics: Metrics | None = None,
+        group: GroupSettings | None = None,
+    ) -> None:
         self.kafka = kafka
         self.sync = sync or SyncSettings()
+        self.group = group or GroupSettings()  # with an id: one member of a fleet (see fleet.py)
+        self._fleet: Fleet | None = None
         self.metrics = metrics or Metrics()
         self._declared: dict[str, TopicSpec] = {}  # every topic the engine knows
         self._topics: dict[str, TopicSpec] = {}  # the topics read into tables
@@ -112,8 +121,14 @@ class DataSync:
     # -- set-up ---------------------------------------------------------------
 
     @classmethod
-    def from_bindings(cls, bindings: Bindings, kafka: KafkaSettings, sync: SyncSettings | None = None) -> DataSync:
-        engine = cls(kafka, sync)
+    def from_bindings(
+        cls,
+        bindings: Bindings,
+        kafka: KafkaSettings,
+        sync: SyncSettings | None = None,
+        group: GroupSettings | None = None,
+    ) -> DataSync:
+        engine = cls(kafka, sync, group=group)
         watched = {w.topic for binding in bindings.plugins for w in binding.spec.watch}
         for topic in bindings.topics.values():
             engine.add_topic(topic.spec, topic.codec, read=topic.spec.name in watched)
@@ -245,6 +260,10 @@ class DataSync:
         reg.status.next_attempt_at = time.time()
         self._wakeup.set()
 
+    def group_status(self) -> dict[str, Any] | None:
+        """The group, this member and the partitions it owns (None without a group)."""
+        return self._fleet.status() if self._fleet is not None else None
+
     @property
     def running(self) -> bool:
         """False once the engine task has ended (stopped, or crashed on a bug)."""
@@ -290,6 +309,9 @@ class DataSync:
             await self._dead_letters.start()
             await self.publishing.start()
             await self._reader.start({t: n for t, n in partitions.items() if t in self._topics})
+            if self.group.id is not None and self._topics:
+                self._fleet = Fleet(self.kafka, self.group, self._topics, self.metrics, self._wakeup.set)
+                await self._fleet.start({t: n for t, n in partitions.items() if t in self._topics})
         except BaseException:
             await self.stop()  # close what did start
             raise
@@ -321,6 +343,8 @@ class DataSync:
                 except Exception:  # it died earlier; stopping goes on regardless
                     log.exception("engine task %s had failed", task.get_name())
         self._task = self._watchdog = None
+        if self._fleet is not None:  # leave the group now: the others take over without a session timeout
+            await self._fleet.stop()
         for reg, closed in self._closing:
             await self._close(reg)
             if not closed.done():
@@ -356,6 +380,10 @@ class DataSync:
                     if not done.done():  # the caller may have been cancelled meanwhile
                         done.set_result(None)
             try:
+                if self._fleet is not None and await self._fleet.holding():
+                    continue  # a rebalance runs: nothing is delivered until the new assignment is known
+                if self._fleet is not None and self._fleet.moved:
+                    await self._reassign(reader)
                 if self._resync_reason is not None:
                     await self._rebuild(reader)
                 await self._resync_due()
@@ -446,6 +474,28 @@ class DataSync:
             reg.due = time.monotonic()
             self._wakeup.set()
 
+    # -- assignment changes (with a group) --------------------------------------
+
+    async def _reassign(self, reader: TableReader) -> None:
+        """Read what the group gave us, drop what it took; then resync the plugins it concerns, in order."""
+        assert self._fleet is not None and self._ingest is not None and self._dead_letters is not None
+        handover = await self._fleet.reassign(reader, self._tables, self._ingest)
+        await self._dead_letters.send(self._ingest.take_rejected())
+        if handover is None:
+            return  # interrupted by the next rebalance, which completes it
+        now = time.monotonic()
+        for reg in self._registrations:
+            if not handover.affects(reg.watches):
+                continue
+            if self._wants_delta(reg) or reg.handover is not None:
+                changes = handover.changes_for(reg.watches, self._tables, self._codecs)
+                reg.handover = [*(reg.handover or []), *changes]
+            reg.status.state = PluginState.RESYNCING
+            reg.status.resync_attempts = 0
+            reg.due = now
+        await self._resync_due()
+        self._fleet.settled()
+
     # -- full resync ----------------------------------------------------------
 
     async def _rebuild(self, reader: TableReader) -> None:
@@ -465,8 +515,9 @@ class DataSync:
         assert self._ingest is not None and self._dead_letters is not None
         started = time.monotonic()
         log.info("full resync (%s): reading %d topic(s) to their end", reason, len(self._topics))
-        if self.generation:  # topics may have been recreated, with other partitions
-            reader.assign(await prepare_topics(self.kafka, list(self._topics.values()), create=False))
+        if self.generation or self._fleet is not None:  # topics may have been recreated, with other partitions
+            select = self._fleet.select() if self._fleet is not None else None  # with a group: the owned ones
+            reader.assign(await prepare_topics(self.kafka, list(self._topics.values()), create=False), select)
         self._ingest.before_rebuild(self._tables.values())
         tables = {name: StateTable(name) for name in self._topics}
         # Keep the old tables only for delta-mode plugins that were in sync with them (and keep
@@ -551,9 +602,10 @@ class DataSync:
             if not await self._calls.start(reg, ctx):
                 return
             reg.started = True
-        if reg.delta_base is not None:
+        if reg.delta_base is not None or reg.handover is not None:
             base, reg.delta_base = reg.delta_base, None
-            changes = self._differences(reg, base)
+            changes = self._differences(reg, base) if base is not None else reg.handover or []
+            reg.handover = None
             if not changes or await self._calls.change(reg, ChangeEvent(changes)):
                 log.info("plugin %s: back in sync with %d changes (delta mode)", reg.name, len(changes))
                 self._calls.succeeded(reg)
@@ -562,7 +614,8 @@ class DataSync:
         values = resync_values(reg.watches, self._tables, self._codecs)
         assert self._reader is not None
         positions = {(tp.topic, tp.partition): n for tp, n in (await self._reader.positions()).items()}
-        watched = {key: n for key, n in positions.items() if key[0] in reg.watches}
+        watched = {key: n for key, n in positions.items()
+                   if key[0] in reg.watches and (self._fleet is None or self._fleet.owns(*key))}  # fmt: skip
         await self._calls.resync(reg, ResyncEvent(values, watched))
 
     def _differences(self, reg: Registration, base: dict[str, StateTable]) -> list[Change]:
@@ -578,8 +631,9 @@ class DataSync:
                     assert before is not None
                     # the tombstone itself may be compacted away: the revision is the last one seen
                     was = Entry.unpack(before)
-                    changes.append(Change(topic, "delete", key, None, before, was.offset, was.partition,
-                                          was.timestamp, codec))  # fmt: skip
+                    gone = self._fleet is not None and not self._fleet.owns(topic, was.partition)  # moved away
+                    changes.append(Change(topic, "release" if gone else "delete", key, None, before, was.offset,
+                                          was.partition, was.timestamp, codec))  # fmt: skip
                 elif before is None or not same_value(before, value_of(after)):
                     now = Entry.unpack(after)
                     changes.append(Change(topic, "put", key, codec.decode(now.value), before, now.offset,

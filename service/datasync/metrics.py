@@ -62,3 +62,12 @@ class Metrics:
             "datasync_publish_failures", "Records the broker did not acknowledge", ["publisher"], registry=r
         )
         self.broker_up = Gauge("datasync_broker_connected", "1 while the broker answers, else 0", registry=r)
+        self.owned_partitions = Gauge(
+            "datasync_owned_partitions", "Partitions this member owns in its group", ["topic"], registry=r
+        )
+        self.rebalances = Counter("datasync_rebalances", "Assignment changes this member went through", registry=r)
+        self.rebalance_seconds = Gauge(
+            "datasync_rebalance_duration_seconds",
+            "Last rebalance: from revocation until the moved partitions were read and the plugins resynced",
+            registry=r,
+        )

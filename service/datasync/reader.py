@@ -9,12 +9,14 @@ offset of the last record seen is what makes this finish on compacted topics
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
 from datasync.settings import KafkaSettings
 
 Batch = dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]
+Select = Callable[[str, int], bool]  # (topic, partition) -> read it
 
 # Records per fetch while tables are rebuilt: no plugin waits on those batches, and fewer,
 # larger ones mean fewer rounds of position checks (memory stays bounded by the fetch sizes).
@@ -49,9 +51,28 @@ class TableReader:
         self._consumer = consumer
         self.assign(partitions)
 
-    def assign(self, partitions: dict[str, int]) -> None:
-        self.partitions = [TopicPartition(topic, p) for topic, n in partitions.items() for p in range(n)]
+    def assign(self, partitions: dict[str, int], select: Select | None = None) -> None:
+        self.partitions = [
+            TopicPartition(topic, p)
+            for topic, n in partitions.items()
+            for p in range(n)
+            if select is None or select(topic, p)
+        ]
         self.consumer.assign(self.partitions)
+
+    async def reassign(self, partitions: dict[str, int], select: Select, rewind: Select) -> list[TopicPartition]:
+        """Assign another subset: partitions kept go on from their positions; the new ones and those
+        ``rewind`` accepts start at their beginning and are returned."""
+        consumer = self.consumer
+        kept = {tp: await consumer.position(tp) for tp in self.partitions
+                if select(tp.topic, tp.partition) and not rewind(tp.topic, tp.partition)}  # fmt: skip
+        self.assign(partitions, select)
+        for tp, position in kept.items():
+            consumer.seek(tp, position)
+        fresh = [tp for tp in self.partitions if tp not in kept]
+        if fresh:
+            await consumer.seek_to_beginning(*fresh)
+        return fresh
 
     async def stop(self) -> None:
         if self._consumer is not None:

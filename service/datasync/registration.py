@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Literal
 
-from datasync.api import Plugin
+from datasync.api import Change, Plugin
 from datasync.applystatus import ApplyStatus
 from datasync.status import PluginStatus
 from datasync.table import StateTable
@@ -37,6 +37,8 @@ class Registration:
         self.started = False
         # In delta mode, the tables the plugin was in sync with before a rebuild.
         self.delta_base: dict[str, StateTable] | None = None
+        # In delta mode, with a group: the puts and releases an assignment change made.
+        self.handover: list[Change] | None = None
         # A change was skipped since the last resync: the plugin's view is not the table's.
         self.diverged = False
         self._on_close = on_close

@@ -89,6 +89,21 @@ class SyncSettings(BaseModel):
     shutdown_timeout_s: float = Field(default=10.0, ge=0, description="time in-flight plugin calls get at shutdown")
 
 
+class GroupSettings(BaseModel):
+    """Running several instances: the Kafka consumer group that divides partitioned topics among them."""
+
+    id: str | None = Field(default=None, min_length=1, description="group id; unset: a single instance reads all")
+    session_timeout_ms: int = Field(default=10_000, ge=1000, description="a member silent this long is dropped")
+    heartbeat_interval_ms: int = Field(default=3_000, ge=100)
+    rebalance_timeout_ms: int = Field(default=60_000, ge=1000, description="how long a rebalance waits for members")
+
+    @model_validator(mode="after")
+    def _heartbeat_within_session(self) -> GroupSettings:
+        if self.heartbeat_interval_ms * 3 > self.session_timeout_ms:
+            raise ValueError("heartbeat_interval_ms must be at most a third of session_timeout_ms")
+        return self
+
+
 class HttpSettings(BaseModel):
     """The HTTP server: metrics, health, readiness, status."""
 
@@ -154,6 +169,7 @@ class Settings(BaseSettings):
     sync: SyncSettings = Field(default_factory=SyncSettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
     registry: RegistrySettings = Field(default_factory=RegistrySettings)
+    group: GroupSettings = Field(default_factory=GroupSettings)
     topics_dir: Path = Path("topics")
     schemas_dir: Path = Path("schemas")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

@@ -112,3 +112,8 @@ class StateTable:
     def snapshot(self) -> dict[str, Entry]:
         """An unpacked copy, for tests and tools that compare states."""
         return {key: Entry.unpack(packed) for key, packed in self.data.items()}
+
+
+def partition_of(packed: Packed) -> int:
+    """The partition a state came from (the trailer's last field), without unpacking the rest."""
+    return int.from_bytes(packed[-2:], "little")

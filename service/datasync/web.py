@@ -206,6 +206,7 @@ async def status(request: web.Request) -> web.Response:
     return web.json_response(
         {
             "broker": "connected" if engine.broker_connected else "unreachable",
+            "group": engine.group_status(),
             "plugins": {name: st.as_dict() for name, st in engine.status().items()},
             "topics": await engine.topics_status(),
         }
