@@ -93,6 +93,7 @@ class Changefeed(Plugin):
         await prepare_topics(self.kafka, [spec], create=True)
         self.transactional_id = settings.transactional_id or f"datasync-changefeed-{ctx.name}"
         self.producers: dict[Partition, AIOKafkaProducer] = {}  # per owned source partition
+        self.broken: set[Partition] = set()  # owned, but the producer failed: a resync must replace it
         self.emitted: dict[Partition, int] = {}  # per source partition: the next offset to emit
 
     async def stop(self) -> None:
@@ -101,6 +102,7 @@ class Changefeed(Plugin):
     async def resync(self, event: ResyncEvent) -> None:
         """Own the snapshot's partitions, catch up from their checkpoints, then carry on from the snapshot."""
         await self._close(set(self.producers) - set(event.positions))
+        self.broken.clear()
         for p in sorted(set(event.positions) - set(self.producers)):
             # Starting a producer with this id fences any other holder and aborts its open transaction.
             producer = AIOKafkaProducer(
@@ -135,6 +137,9 @@ class Changefeed(Plugin):
         await self._emit([], [], dict(event.positions))  # everything before the snapshot is done
 
     async def change(self, event: ChangeEvent) -> None:
+        broken = sorted({(c.topic, c.partition) for c in event.changes} & self.broken)
+        if broken:  # failing makes the engine resync this feed (resync_after_failed_change), which replaces it
+            raise RuntimeError(f"no producer for {', '.join(f'{t}/{p}' for t, p in broken)} (fenced or failed)")
         # Only owned partitions (another member writes the rest); a change at or before the checkpoint was
         # emitted already (by the catch-up or a committed retry).
         todo = [c for c in event.changes if (c.topic, c.partition) in self.producers
@@ -185,14 +190,16 @@ class Changefeed(Plugin):
         try:
             async with producer.transaction():
                 for key, value in records:
-                    await producer.send(self.out.topic, value, key=key)
+                    (await producer.send(self.out.topic, value, key=key)).add_done_callback(_retrieved)
                 if checkpoint is not None:
                     value = json.dumps({"offset": checkpoint}).encode()
-                    await producer.send(self.checkpoint_topic, value, key=f"{p[0]}/{p[1]}".encode())
+                    sent = await producer.send(self.checkpoint_topic, value, key=f"{p[0]}/{p[1]}".encode())
+                    sent.add_done_callback(_retrieved)
         except Exception:
-            # Fenced (another member took the partition) or broken: never reuse it. If this instance
-            # still owns the partition, the resync that follows the failed change creates a new one.
+            # Fenced (another member took the partition) or broken: never reuse it. The resync that
+            # follows the failed change creates a new one if this instance still owns the partition.
             await self._close({p})
+            self.broken.add(p)
             raise
         if checkpoint is not None:
             self.emitted[p] = checkpoint
@@ -231,3 +238,9 @@ class Changefeed(Plugin):
             return found, {(tp.topic, tp.partition): n for tp, n in source_ends.items()}
         finally:
             await consumer.stop()
+
+
+def _retrieved(sent: asyncio.Future[Any]) -> None:
+    """A send's own outcome: the transaction's commit reports failures; this keeps asyncio quiet about them."""
+    if not sent.cancelled():
+        sent.exception()
