@@ -119,3 +119,23 @@ def test_a_prefix_watched_twice_is_named(dirs: tuple[Path, Path]) -> None:
     (topics / "a.yaml").write_text(GOOD.replace('prefixes: ["config/interfaces/"]', 'prefixes: ["x/", "x/"]'))
     with pytest.raises(ConfigError, match=r"plugins\[0\]\.watch\[0\]\.prefixes: 'x/' is watched twice"):
         load_bindings(topics, schemas)
+
+
+def test_partitioned_topics_must_be_co_partitioned(dirs: tuple[Path, Path]) -> None:
+    topics, schemas = dirs
+    (topics / "a.yaml").write_text(
+        "topics: [{name: a, partitions: 6, sharding: partitioned}, {name: r, partitions: 2}]"
+    )
+    (topics / "b.yaml").write_text("topics: [{name: b, partitions: 4, sharding: partitioned}]")
+    with pytest.raises(ConfigError) as err:
+        load_bindings(topics, schemas)
+    assert str(err.value) == (
+        f"{topics / 'b.yaml'}: topics[0].partitions: partitioned topics must have equal partition counts "
+        "(co-partitioned): a has 6, b has 4"
+    )
+    (topics / "b.yaml").write_text("topics: [{name: b, partitions: 6, sharding: partitioned}]")
+    bindings = load_bindings(topics, schemas)
+    assert [t.spec.sharding for t in bindings.topics.values()] == ["partitioned", "replicated", "partitioned"]
+    (topics / "b.yaml").write_text("topics: [{name: b, partitions: 6, sharding: sharded}]")
+    with pytest.raises(ConfigError, match=r"topics\[0\]\.sharding: Input should be 'replicated' or 'partitioned'"):
+        load_bindings(topics, schemas)

@@ -58,6 +58,7 @@ def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     ({"DATASYNC_KAFKA__SECURITY_PROTOCOL": "SASL_SSL"}, "DATASYNC_KAFKA"),
     ({"DATASYNC_KAFKA__SSL_CAFILE": "/nope/ca.pem"}, "DATASYNC_KAFKA"),
     ({"DATASYNC_LOG_LEVEL": "LOUD"}, "DATASYNC_LOG_LEVEL"),
+    ({"DATASYNC_GROUP__ID": "g", "DATASYNC_GROUP__HEARTBEAT_INTERVAL_MS": "5000"}, "DATASYNC_GROUP"),
 ])  # fmt: skip
 def test_bad_settings_exit_2_naming_the_variable(env: dict[str, str], variable: str) -> None:
     result = subprocess.run([sys.executable, "-m", "datasync.cli", "check"], cwd=ROOT, capture_output=True,

@@ -324,6 +324,8 @@ class DataSync:
         self._stopping = True
         self._deliveries.halt()  # no further change calls; the ones in flight may end
         self._wakeup.set()
+        if self._fleet is not None:
+            self._fleet.stopping = True  # a read of moved partitions stops too
         try:
             async with asyncio.timeout(self.sync.shutdown_timeout_s):
                 if self._task is not None:

@@ -111,7 +111,7 @@ class Fleet:
         self._since: float | None = None  # when the running rebalance started
         self.rebalances = 0
         self.last_rebalance_s: float | None = None
-        self._stopping = False
+        self.stopping = False
         self.membership: GroupMembership | None = None
 
     # -- set-up ---------------------------------------------------------------
@@ -129,7 +129,7 @@ class Fleet:
                  ", ".join(self._partitioned) or "none")  # fmt: skip
 
     async def stop(self) -> None:
-        self._stopping = True
+        self.stopping = True
         self._idle.set()  # a revocation waiting for the engine must not wait for a stopped one
         if self.membership is not None:
             await self.membership.stop()
@@ -214,7 +214,7 @@ class Fleet:
             lambda topic, p: topic in partitioned and p in gained,
         )
         started = time.monotonic()
-        if not await _read(reader, fresh, tables, ingest, lambda: self.revoking or self._stopping):
+        if not await _read(reader, fresh, tables, ingest, lambda: self.revoking or self.stopping):
             for topic in partitioned:  # a half-read partition is no table: dropped, read again when regained
                 _drop(tables[topic], gained)
             self._pending = handover
