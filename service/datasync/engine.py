@@ -633,7 +633,7 @@ class DataSync:
                     assert before is not None
                     # the tombstone itself may be compacted away: the revision is the last one seen
                     was = Entry.unpack(before)
-                    gone = self._fleet is not None and not self._fleet.owns(topic, was.partition)  # moved away
+                    gone = self._fleet is not None and not self._fleet.holds(topic, was.partition)  # moved away
                     changes.append(Change(topic, "release" if gone else "delete", key, None, before, was.offset,
                                           was.partition, was.timestamp, codec))  # fmt: skip
                 elif before is None or not same_value(before, value_of(after)):

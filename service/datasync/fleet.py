@@ -186,6 +186,10 @@ class Fleet:
         held = self.held or frozenset()
         return (partition % self._counts[self.anchor]) in held
 
+    def holds(self, topic: str, partition: int) -> bool:
+        """Whether this member's table of ``topic`` has the keys of ``partition`` (replicated: all)."""
+        return topic not in self._partitioned or partition in (self.held or frozenset())
+
     def owned(self) -> dict[str, list[int]]:
         return {topic: [p for p in range(n) if self.owns(topic, p)] for topic, n in sorted(self._counts.items())}
 
