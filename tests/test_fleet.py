@@ -15,6 +15,10 @@ import pytest
 from fleetharness import Member, produce, stable, wait_until
 from test_crash import expected_feed, read_feed, write
 
+from datasync.admin import prepare_topics
+from datasync.bindings import TopicSpec
+from datasync.settings import KafkaSettings
+
 FAST_GROUP = {"DATASYNC_GROUP__SESSION_TIMEOUT_MS": "6000", "DATASYNC_GROUP__HEARTBEAT_INTERVAL_MS": "1000"}
 
 VIEWS = """
@@ -218,3 +222,28 @@ def test_changefeed_handover_has_no_gap_and_no_repeat(fleet: list[Member], tmp_p
     wait_until(complete, 90, [b, d], "the outbound topic has every envelope once")
     # The zombie recovered: it is a ready member again (its fenced producers were replaced).
     wait_until(lambda: all(stable(m) for m in (b, d)), 60, [b, d], "both members ready")
+
+
+def test_partition_counts_on_the_broker_must_match(fleet: list[Member], tmp_path: Path, bootstrap: str) -> None:
+    """Declared co-partitioned, but created elsewhere with other counts: the member refuses to start (exit 2)."""
+    group = f"g-{uuid.uuid4().hex[:8]}"
+    a_topic, b_topic = f"a-{group}", f"b-{group}"
+    specs = [TopicSpec(name=a_topic, partitions=6), TopicSpec(name=b_topic, partitions=4)]
+    asyncio.run(prepare_topics(KafkaSettings(bootstrap_servers=bootstrap), specs, create=True))
+    bindings = f"""
+topics:
+  - {{name: {a_topic}, partitions: 6, value: json, sharding: partitioned}}
+  - {{name: {b_topic}, partitions: 6, value: json, sharding: partitioned}}
+plugins:
+  - name: view
+    class: fileview:FileView
+    settings: {{path: DIR/view.json}}
+    watch: [{{topic: {a_topic}}}, {{topic: {b_topic}}}]
+"""
+    (member,) = new_members(fleet, tmp_path, bootstrap, bindings, ["a"], group)
+    member.start()
+    assert member.process is not None and member.process.wait(timeout=60) == 2
+    assert (
+        f"datasync: broker: topics: partitioned topics must have equal partition counts (co-partitioned): "
+        f"{a_topic} has 6, {b_topic} has 4"
+    ) in member.log()
