@@ -37,7 +37,7 @@ from datasync.confluent import prepare_encode
 from datasync.deadletter import DeadLetters
 from datasync.delivery import Deliveries
 from datasync.errors import ConfigError, TopicError
-from datasync.fleet import Fleet
+from datasync.fleet import Fleet, Rebalancing
 from datasync.ingest import Ingest
 from datasync.metrics import Metrics
 from datasync.probe import BrokerProbe
@@ -395,6 +395,8 @@ class DataSync:
                 if batch and not self._stopping:
                     await self._apply(batch)
                 failures = 0
+            except Rebalancing:
+                log.info("a rebalance started: the tables are read again once it is assigned")
             except OffsetOutOfRangeError as exc:
                 log.warning("positions out of range (%s): full resync", exc)
                 self.request_resync("offsets out of range")
@@ -547,6 +549,8 @@ class DataSync:
                 break
             progress.report(sum(left.values()))
             self.last_step = time.monotonic()
+            if self._fleet is not None:
+                self._fleet.check_rebalance()  # a revocation restarts the read with the next assignment
             batch = await reader.fetch(timeout_ms=200, max_records=REBUILD_MAX_RECORDS)
             await self._ingest.prepare(batch)
             for tp, records in batch.items():

@@ -47,6 +47,10 @@ log = logging.getLogger("datasync.group")
 HOLD_S = 0.25
 
 
+class Rebalancing(Exception):
+    """A rebalance started during a full read of the tables: it is read again after the assignment."""
+
+
 @dataclass
 class Handover:
     """What an assignment change did to the tables."""
@@ -180,6 +184,12 @@ class Fleet:
         self._publish_owned()
         partitioned = set(self._partitioned)
         return lambda topic, p: topic not in partitioned or p in slots
+
+    def check_rebalance(self) -> None:
+        """Called during a full read: stop it when a rebalance starts (the group waits for us)."""
+        if self.revoking:
+            self.held = None  # the half-read tables hold nothing reliable
+            raise Rebalancing()
 
     def owns(self, topic: str, partition: int) -> bool:
         """Whether this member acts for ``topic/partition`` (reads it, if partitioned; writes its feed)."""
