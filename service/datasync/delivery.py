@@ -66,6 +66,7 @@ class Deliveries:
         self._queues: dict[Registration, _Queue] = {}
         self._changed = asyncio.Event()  # replaced after each notification: see _notify
         self._halted = False
+        self._held = False  # a rebalance: nothing is handed over until resume()
 
     def add(self, reg: Registration, after: Iterable[Registration] = ()) -> None:
         """Give ``reg`` a queue; its batches wait for those of ``after`` (registered earlier)."""
@@ -163,6 +164,27 @@ class Deliveries:
         for reg in self._queues:
             self.drop(reg)
 
+    async def hold(self, drain_s: float) -> None:
+        """Before a revocation completes: hand over what is queued for ready plugins (at most ``drain_s``),
+        then deliver nothing more until ``resume()``; returns once no call is in flight."""
+        try:
+            async with asyncio.timeout(drain_s):
+                await self._wait_for(self._drained)
+        except TimeoutError:
+            log.warning("rebalance: plugin queues not drained after %.1fs; the rest waits", drain_s)
+        self._held = True
+        await self.wait_idle()
+
+    def _drained(self) -> bool:
+        ready = PluginState.READY
+        return all((not q.items or q.reg.status.state is not ready) and q.current is None
+                   for q in self._queues.values())  # fmt: skip
+
+    def resume(self) -> None:
+        if self._held:
+            self._held = False
+            self._notify()
+
     def calls_in_flight(self) -> list[Registration]:
         return [q.reg for q in self._queues.values() if q.current is not None]
 
@@ -196,7 +218,7 @@ class Deliveries:
             await self._on_step()
 
     def _due(self, queue: _Queue) -> bool:
-        if self._halted or not queue.items or queue.reg.status.state is not PluginState.READY:
+        if self._halted or self._held or not queue.items or queue.reg.status.state is not PluginState.READY:
             return False
         return self._after_done(queue, queue.items[0][0])
 

@@ -382,10 +382,8 @@ class DataSync:
                     if not done.done():  # the caller may have been cancelled meanwhile
                         done.set_result(None)
             try:
-                if self._fleet is not None and await self._fleet.holding():
+                if self._fleet is not None and not await self._follow_group(reader):
                     continue  # a rebalance runs: nothing is delivered until the new assignment is known
-                if self._fleet is not None and self._fleet.moved:
-                    await self._reassign(reader)
                 if self._resync_reason is not None:
                     await self._rebuild(reader)
                 await self._resync_due()
@@ -480,10 +478,26 @@ class DataSync:
 
     # -- assignment changes (with a group) --------------------------------------
 
-    async def _reassign(self, reader: TableReader) -> None:
+    async def _follow_group(self, reader: TableReader) -> bool:
+        """While the group rebalances, deliver nothing (False); once assigned, take the assignment over."""
+        fleet = self._fleet
+        assert fleet is not None
+        if fleet.rebalancing:
+            await self._deliveries.hold(drain_s=self.sync.shutdown_timeout_s)
+            await fleet.wait_assignment()
+            return False
+        if fleet.moved:
+            await self._reassign(reader, fleet)
+        self._deliveries.resume()
+        return True
+
+    async def _reassign(self, reader: TableReader, fleet: Fleet) -> None:
         """Read what the group gave us, drop what it took; then resync the plugins it concerns, in order."""
-        assert self._fleet is not None and self._ingest is not None and self._dead_letters is not None
-        handover = await self._fleet.reassign(reader, self._tables, self._ingest)
+        assert self._ingest is not None and self._dead_letters is not None
+        handover = await fleet.reassign(reader, self._tables, self._ingest)
+        for reg in self._registrations:  # queued changes of partitions another member owns now
+            if self._deliveries.drop(reg, keep=lambda c: fleet.holds(c.topic, c.partition)):
+                reg.diverged = True
         await self._dead_letters.send(self._ingest.take_rejected())
         if handover is None:
             return  # interrupted by the next rebalance, which completes it
@@ -494,11 +508,12 @@ class DataSync:
             if self._wants_delta(reg) or reg.handover is not None:
                 changes = handover.changes_for(reg.watches, self._tables, self._codecs)
                 reg.handover = [*(reg.handover or []), *changes]
-            reg.status.state = PluginState.RESYNCING
+            if reg.status.state is PluginState.READY:
+                reg.status.state = PluginState.RESYNCING
             reg.status.resync_attempts = 0
             reg.due = now
         await self._resync_due()
-        self._fleet.settled()
+        fleet.settled()
 
     # -- full resync ----------------------------------------------------------
 
@@ -597,7 +612,7 @@ class DataSync:
         if await self._deliveries.pause(reg):  # queued changes the resync replaces
             reg.diverged = True
         if reg.diverged:  # its view is not the old table: no delta from it
-            reg.delta_base = None
+            reg.delta_base = reg.handover = None
         if not reg.started:
             plugin_log = logging.getLogger(f"datasync.plugin.{reg.name}")
             replayer = Replayer(self.kafka, self.sync, self._topics, self._codecs)

@@ -162,16 +162,18 @@ class Fleet:
 
     # -- the engine's side ------------------------------------------------------
 
-    async def holding(self) -> bool:
-        """True while a rebalance runs (the engine must deliver nothing); waits a little for its end."""
-        if not self.revoking and self.slots is not None:
-            return False
+    @property
+    def rebalancing(self) -> bool:
+        """Revoked and not yet assigned (or never assigned): the engine must deliver nothing."""
+        return self.revoking or self.slots is None
+
+    async def wait_assignment(self) -> None:
+        """The engine delivers nothing now (the revocation may complete); wait a little for the assignment."""
         self._idle.set()
         try:
             await asyncio.wait_for(self._assigned.wait(), HOLD_S)
         except TimeoutError:
             pass
-        return True
 
     @property
     def moved(self) -> bool:
