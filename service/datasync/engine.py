@@ -488,6 +488,8 @@ class DataSync:
             return False
         if fleet.moved:
             await self._reassign(reader, fleet)
+            if fleet.rebalancing:  # the next rebalance interrupted it
+                return False
         self._deliveries.resume()
         return True
 
@@ -495,13 +497,12 @@ class DataSync:
         """Read what the group gave us, drop what it took; then resync the plugins it concerns, in order."""
         assert self._ingest is not None and self._dead_letters is not None
         handover = await fleet.reassign(reader, self._tables, self._ingest)
-        for reg in self._registrations:  # queued changes of partitions another member owns now
-            if self._deliveries.drop(reg, keep=lambda c: fleet.holds(c.topic, c.partition)):
-                reg.diverged = True
         await self._dead_letters.send(self._ingest.take_rejected())
         if handover is None:
             return  # interrupted by the next rebalance, which completes it
         now = time.monotonic()
+        # Only the plugins watching a moved topic can have changes of a lost partition queued: they are
+        # resynced before delivery resumes, and a resync drops what is queued for the plugin.
         for reg in self._registrations:
             if not handover.affects(reg.watches):
                 continue
