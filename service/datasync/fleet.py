@@ -9,9 +9,9 @@ changefeed) by the owner of ``p mod N``, N the anchor's partition count.
 
 A partition goes assigned -> reading -> live -> revoked:
 
-* on revocation the engine stops delivering (``holding``) until the new
-  assignment is known, so no change of a partition is delivered after another
-  member may have taken it;
+* on revocation the engine hands over what is queued, then delivers nothing
+  (``rebalancing``, ``wait_assignment``) until the new assignment is known, so
+  no change of a partition is delivered after another member may have taken it;
 * on assignment the engine task calls ``reassign``: partitions kept stay in
   the tables with their positions; lost ones are dropped from the tables;
   gained ones are read from the beginning to their end (only those: the kept
