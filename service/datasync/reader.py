@@ -110,6 +110,9 @@ class TableReader:
     async def fetch(self, timeout_ms: int, max_records: int | None = None) -> Batch:
         """At most ``max_records`` (default: the CHANGE batch size) records, by partition."""
         batch: Batch = await self.consumer.getmany(timeout_ms=timeout_ms, max_records=max_records or self._max_records)
+        # getmany returns buffered records without suspending: yield once per batch, or a long read
+        # starves the other tasks (the group's heartbeats, whose session then expires; HTTP).
+        await asyncio.sleep(0)
         return batch
 
 
