@@ -217,7 +217,7 @@ class Fleet:
         handover.moved |= {t for t, n in self._counts.items() if t in tables
                            and any(p % n_slots in lost | gained for p in range(n))}  # fmt: skip
         partitioned = {t for t in self._partitioned if t in tables}
-        for topic in sorted(partitioned):
+        for topic in sorted(partitioned) if lost else ():
             dropped = _drop(tables[topic], lost)
             handover.released.setdefault(topic, []).extend(dropped)
             log.info("group %s: %s: released %d keys of partitions %s", self.group.id, topic, len(dropped),
