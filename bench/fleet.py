@@ -108,11 +108,15 @@ def held(members: list[Member], topic: str) -> dict[int, str]:
     return out
 
 
+def stable(member: Member) -> bool:
+    """The member's group is stable (it may still be starting: no group yet)."""
+    group = (member.status() or {}).get("group")
+    return bool(group) and group["state"] == "stable"
+
+
 def wait_all_held(members: list[Member], topic: str, partitions: int, timeout: float) -> float:
     started = time.monotonic()
-    while len(held(members, topic)) < partitions or not all(
-        (s := m.status()) and s["group"]["state"] == "stable" for m in members
-    ):
+    while len(held(members, topic)) < partitions or not all(stable(m) for m in members):
         if time.monotonic() - started > timeout:
             raise TimeoutError(f"partitions not all held after {timeout}s: {held(members, topic)}")
         time.sleep(POLL_S)
@@ -195,8 +199,7 @@ def rolling_restart(
     for i, old in enumerate(list(members)):
         new = Member(workdir, f"r{i}", bootstrap, group)
         members.append(new)
-        sample_until(lambda new=new: len(held(members, topic)) == n and (s := new.status()) is not None
-                     and s["group"]["state"] == "stable", 600)  # fmt: skip
+        sample_until(lambda new=new: len(held(members, topic)) == n and stable(new), 600)
         old.stop(signal.SIGTERM)
         members.remove(old)
         sample_until(lambda: len(held(members, topic)) == n, 600)
