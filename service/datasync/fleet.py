@@ -37,7 +37,7 @@ from datasync.errors import ConfigError
 from datasync.ingest import Ingest
 from datasync.membership import GroupMembership
 from datasync.metrics import Metrics
-from datasync.reader import TableReader
+from datasync.reader import REBUILD_MAX_RECORDS, TableReader
 from datasync.settings import GroupSettings, KafkaSettings
 from datasync.table import Entry, Packed, StateTable, partition_of
 
@@ -301,7 +301,9 @@ async def _read(
         while await reader.behind(ends):
             if interrupted():
                 return False
-            for tp, records in (await reader.fetch(timeout_ms=200)).items():
+            batch = await reader.fetch(timeout_ms=200, max_records=REBUILD_MAX_RECORDS)
+            await ingest.prepare(batch)
+            for tp, records in batch.items():
                 ingest.fold_all(tables[tp.topic], records)
         return True
     finally:
