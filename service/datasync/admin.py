@@ -115,12 +115,29 @@ async def check_topics(kafka: KafkaSettings, specs: list[TopicSpec]) -> list[str
 
 
 async def _cleanup_policies(admin: AIOKafkaAdminClient, names: list[str]) -> dict[str, str]:
+    return await _topic_config(admin, names, "cleanup.policy")
+
+
+async def delete_retention_ms(kafka: KafkaSettings, names: list[str]) -> dict[str, int]:
+    """Each topic's ``delete.retention.ms`` (how long a cleaned tombstone stays); topics whose
+    config cannot be read (not authorised) are missing from the answer."""
+    admin = AIOKafkaAdminClient(**kafka.client_options())
+    await admin.start()
+    try:
+        found = await _topic_config(admin, names, "delete.retention.ms")
+    finally:
+        await admin.close()
+    return {name: int(value) for name, value in found.items() if value.isdigit()}
+
+
+async def _topic_config(admin: AIOKafkaAdminClient, names: list[str], key: str) -> dict[str, str]:
+    """One config value per topic (empty if the broker did not list it); unreadable topics are left out."""
     if not names:
         return {}
     resources = [ConfigResource(ConfigResourceType.TOPIC, name) for name in names]
-    policies = {}
+    values = {}
     for response in await admin.describe_configs(resources):
         for error_code, _message, _type, name, entries in response.resources:
             if error_code == 0:
-                policies[name] = next((e[1] for e in entries if e[0] == "cleanup.policy"), "")
-    return policies
+                values[name] = next((e[1] for e in entries if e[0] == key), "")
+    return values

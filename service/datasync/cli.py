@@ -169,7 +169,9 @@ async def _require(settings: Settings, topic: Topic) -> None:
 
 async def _run(settings: Settings, bindings: Bindings, args: argparse.Namespace) -> int:
     """Serve HTTP at once, connect (retrying while the broker is away), run until SIGTERM/SIGINT."""
-    engine = DataSync.from_bindings(bindings, settings.kafka, settings.sync, settings.group)
+    engine = DataSync.from_bindings(
+        bindings, settings.kafka, settings.sync, settings.group, settings.state_dir, settings.snapshot
+    )
     startup = Startup()
     http = HttpServer(engine, settings.http, startup) if settings.http.enabled else None
     stop = asyncio.Event()

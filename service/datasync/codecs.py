@@ -115,6 +115,11 @@ class AvroCodec:
                 except NotCompiled:
                     pass
 
+    @property
+    def writer_fingerprints(self) -> list[bytes]:
+        """The schemas this codec decodes (a snapshot is only valid for the same set)."""
+        return sorted(self._writers)
+
     def decode(self, raw: bytes) -> Any:
         if raw[:2] != MAGIC or len(raw) < HEADER_SIZE:
             raise DecodeError("not Avro single-object encoding (no C3 01 header)")

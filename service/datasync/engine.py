@@ -22,6 +22,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from aiokafka import TopicPartition
@@ -45,7 +46,8 @@ from datasync.publish import Publisher, Publishing
 from datasync.reader import REBUILD_MAX_RECORDS, Batch, TableReader
 from datasync.registration import Registration, ResyncMode
 from datasync.replay import Replayer
-from datasync.settings import GroupSettings, KafkaSettings, SyncSettings
+from datasync.settings import GroupSettings, KafkaSettings, SnapshotSettings, SyncSettings
+from datasync.snapshot import Snapshots
 from datasync.status import PluginState, PluginStatus
 from datasync.table import Entry, StateTable, same_value, value_of
 from datasync.views import TableView
@@ -83,12 +85,18 @@ class DataSync:
         sync: SyncSettings | None = None,
         metrics: Metrics | None = None,
         group: GroupSettings | None = None,
+        state_dir: Path | None = None,
+        snapshot: SnapshotSettings | None = None,
     ) -> None:
+        """With ``state_dir``, tables are snapshotted there and loaded from there at start."""
         self.kafka = kafka
         self.sync = sync or SyncSettings()
         self.group = group or GroupSettings()  # with an id: one member of a fleet (see fleet.py)
         self._fleet: Fleet | None = None
         self.metrics = metrics or Metrics()
+        self.state_dir = state_dir
+        self.snapshot_settings = snapshot or SnapshotSettings()
+        self._snapshots: Snapshots | None = None
         self._declared: dict[str, TopicSpec] = {}  # every topic the engine knows
         self._topics: dict[str, TopicSpec] = {}  # the topics read into tables
         self._codecs: dict[str, Codec] = {}
@@ -127,8 +135,10 @@ class DataSync:
         kafka: KafkaSettings,
         sync: SyncSettings | None = None,
         group: GroupSettings | None = None,
+        state_dir: Path | None = None,
+        snapshot: SnapshotSettings | None = None,
     ) -> DataSync:
-        engine = cls(kafka, sync, group=group)
+        engine = cls(kafka, sync, group=group, state_dir=state_dir, snapshot=snapshot)
         watched = {w.topic for binding in bindings.plugins for w in binding.spec.watch}
         for topic in bindings.topics.values():
             engine.add_topic(topic.spec, topic.codec, read=topic.spec.name in watched)
@@ -274,8 +284,14 @@ class DataSync:
         lag: dict[str, dict[int, int]] = {name: {} for name in self._topics}
         for tp, n in (await self._lag(timeout_s=1.0)).items():
             lag[tp.topic][tp.partition] = n
+        loaded = self._snapshots.describe if self._snapshots is not None else lambda _: {"from": "full read"}
         return {
-            name: {"keys": len(self._tables[name]), "resync_remaining": self._remaining.get(name, 0), "lag": lag[name]}
+            name: {
+                "keys": len(self._tables[name]),
+                "resync_remaining": self._remaining.get(name, 0),
+                "lag": lag[name],
+                "loaded": loaded(name),
+            }
             for name in self._topics
         }
 
@@ -305,6 +321,10 @@ class DataSync:
         self._ingest = Ingest(self._topics, self._codecs, self.metrics, self.sync.emit_identical_puts)
         self._dead_letters = DeadLetters(self.kafka, dead, self.metrics)
         self._reader = TableReader(self.kafka, self.sync.fetch_max_records)
+        if self.state_dir is not None:
+            self._snapshots = Snapshots(
+                self.state_dir, self.snapshot_settings, self.kafka, self.metrics, self._topics, self._codecs
+            )
         try:
             await self._dead_letters.start()
             await self.publishing.start()
@@ -352,6 +372,8 @@ class DataSync:
             if not closed.done():
                 closed.set_result(None)
         self._closing.clear()
+        if self._snapshots is not None:  # before the plugins stop: their stop() may take a while
+            await self._snapshots.close(self._reader, self._tables, final=self.generation > 0 and not self.rebuilding)
         for reg in reversed(self._registrations):
             if reg.started:
                 await self._calls.hook(reg, "stop")
@@ -389,6 +411,8 @@ class DataSync:
                 await self._resync_due()
                 if self._stopping:
                     break
+                if self._snapshots is not None and self._snapshots.due(self._quiet()):
+                    await self._snapshots.save(reader, self._tables)
                 batch = await reader.fetch(self._fetch_timeout_ms())
                 if batch and not self._stopping:
                     await self._apply(batch)
@@ -442,6 +466,10 @@ class DataSync:
         except Exception as exc:  # report no lag rather than hang or fail the caller
             log.debug("lag not measured: %r", exc)
             return {}
+
+    def _quiet(self) -> bool:
+        """Tables complete and no plugin resyncing: a good time for a snapshot."""
+        return not self.rebuilding and all(r.status.state is not PluginState.RESYNCING for r in self._registrations)
 
     def _fetch_timeout_ms(self) -> int:
         """Fetch no longer than until the next resync retry is due, nor than IDLE_FETCH_MS."""
@@ -533,7 +561,7 @@ class DataSync:
     async def _read_tables(self, reader: TableReader, reason: str) -> bool:
         """Read the tables afresh; False if a stop request cut it short."""
         assert self._ingest is not None and self._dead_letters is not None
-        started = time.monotonic()
+        started, wall_started = time.monotonic(), time.time()
         log.info("full resync (%s): reading %d topic(s) to their end", reason, len(self._topics))
         if self.generation or self._fleet is not None:  # topics may have been recreated, with other partitions
             select = self._fleet.select() if self._fleet is not None else None  # with a group: the owned ones
@@ -549,6 +577,8 @@ class DataSync:
         self._remaining = {name: 0 for name in self._topics}
         self._tables = tables
         ends = await reader.rewind()
+        if self._snapshots is not None:  # partitions with a valid snapshot are read from its position
+            await self._snapshots.restore(reader, tables, ends, since=wall_started)
         pending = set(self._topics)
         progress = Progress()
         while not self._stopping:

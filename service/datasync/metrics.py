@@ -7,7 +7,12 @@ partitions, plugins, publishers) and by small fixed vocabularies.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 
 class Metrics:
@@ -71,3 +76,40 @@ class Metrics:
             "Last rebalance: from revocation until the moved partitions were read and the plugins resynced",
             registry=r,
         )
+        self.snapshot_bytes = Gauge(
+            "datasync_snapshot_bytes", "Size of the last snapshot written", ["topic"], registry=r
+        )
+        self.snapshot_write_seconds = Gauge(
+            "datasync_snapshot_write_seconds", "Duration of the last snapshot write", ["topic"], registry=r
+        )
+        self.snapshot_write_failures = Counter(
+            "datasync_snapshot_write_failures", "Snapshot writes that failed (disk full, not writable)", ["topic"],
+            registry=r,
+        )  # fmt: skip
+        self.snapshot_partitions_loaded = Gauge(
+            "datasync_snapshot_partitions_loaded",
+            "Partitions the last table rebuild loaded from a snapshot (0: read from the beginning)",
+            ["topic"],
+            registry=r,
+        )
+        self.snapshot_rejected = Counter(
+            "datasync_snapshot_rejected", "Snapshots found but not used, by reason", ["topic", "reason"], registry=r
+        )
+        self.snapshot_taken: dict[str, float] = {}  # topic -> unix time the last snapshot's positions were taken
+        r.register(_SnapshotAge(self.snapshot_taken))
+
+
+class _SnapshotAge(Collector):
+    """``datasync_snapshot_age_seconds``: computed when scraped, so it grows between writes."""
+
+    def __init__(self, taken: dict[str, float]) -> None:
+        self._taken = taken
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            "datasync_snapshot_age_seconds", "Age of the newest snapshot written", labels=["topic"]
+        )
+        now = time.time()
+        for topic, taken in sorted(self._taken.items()):
+            family.add_metric([topic], now - taken)
+        yield family

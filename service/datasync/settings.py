@@ -104,6 +104,14 @@ class GroupSettings(BaseModel):
         return self
 
 
+class SnapshotSettings(BaseModel):
+    """When state-table snapshots are written (only with a state directory, ``DATASYNC_STATE_DIR``)."""
+
+    interval_s: float = Field(default=600.0, ge=0, description="periodic snapshots; 0: none")
+    after_rebuild: bool = Field(default=True, description="once every plugin resynced after a rebuild")
+    on_shutdown: bool = Field(default=True, description="at a clean shutdown")
+
+
 class HttpSettings(BaseModel):
     """The HTTP server: metrics, health, readiness, status."""
 
@@ -170,6 +178,8 @@ class Settings(BaseSettings):
     http: HttpSettings = Field(default_factory=HttpSettings)
     registry: RegistrySettings = Field(default_factory=RegistrySettings)
     group: GroupSettings = Field(default_factory=GroupSettings)
+    snapshot: SnapshotSettings = Field(default_factory=SnapshotSettings)
+    state_dir: Path | None = Field(default=None, description="where table snapshots live; unset: none")
     topics_dir: Path = Path("topics")
     schemas_dir: Path = Path("schemas")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

@@ -104,6 +104,14 @@ class StateTable:
             lo = max(lo, bisect_right(keys, after, lo, hi))
         return keys[lo : hi if limit is None else min(hi, lo + limit)]
 
+    def key_order(self) -> list[str]:
+        """Every key: sorted if that order is cached, else in insertion order (no sort here).
+
+        A list the caller may keep while the table changes: the cached order is replaced, never
+        modified in place.
+        """
+        return self._sorted if self._sorted is not None else list(self.data)
+
     def under(self, prefix: str) -> list[tuple[str, Packed]]:
         """The (key, state) pairs whose key starts with ``prefix``, sorted by key."""
         data = self.data

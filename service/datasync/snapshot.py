@@ -1,0 +1,353 @@
+"""Local snapshots of the state tables: a restart loads them and reads only what came after.
+
+Per (topic, partition), so an instance can save and load exactly the partitions it owns. A
+snapshot is used only when it is provably right; otherwise that partition is read from the
+beginning, with one log line saying why:
+
+- the file is whole (lengths, CRC-32) and of this format version;
+- it was written for these bindings: topic, partition count, codec identity (spec, schema
+  fingerprints, ``max_value_bytes``);
+- log start offset <= its position <= end offset (records deleted, a topic recreated shorter);
+- it is younger than the topic's ``delete.retention.ms``, counted from ``since``: the last
+  time the partition was seen read to its end at or below the position. Every record after
+  the position was appended after that, so a tombstone among them is still in the log.
+
+Writing (after a rebuild once the plugins resynced, every ``interval_s``, at shutdown) never
+pauses the engine for long and never copies the table: the positions and the list of keys are
+taken between two engine steps, then the entries are encoded a few thousand at a time on the
+loop and written by a thread. Values read later than the positions are newer than those
+positions say; that is harmless, because loading replays every record from the positions on
+and folding a record twice gives the same state (the table ends equal to a full read).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from aiokafka import TopicPartition
+from aiokafka.errors import KafkaError
+
+from datasync.admin import delete_retention_ms
+from datasync.bindings import TopicSpec
+from datasync.codecs import AvroCodec, Codec, JsonCodec
+from datasync.metrics import Metrics
+from datasync.reader import TableReader
+from datasync.settings import KafkaSettings, SnapshotSettings
+from datasync.snapshotfile import (
+    TMP_SUFFIX,
+    Header,
+    SnapshotError,
+    SnapshotWriter,
+    encode_block,
+    path_of,
+    read_entries,
+    read_header,
+)
+from datasync.table import Packed, StateTable
+
+log = logging.getLogger("datasync.snapshot")
+
+CHUNK_KEYS = 4096  # keys encoded per step on the event loop (about a millisecond)
+FLUSH_BYTES = 4 << 20  # encoded bytes handed to the writing thread at once
+BROKER_TIMEOUT_S = 10.0
+T = TypeVar("T")
+
+
+async def _blocking(fn: Callable[..., T], *args: Any) -> T:
+    """``fn`` in a thread; if cancelled meanwhile, wait for the thread (it cannot be stopped) first,
+    so that cleaning up never races with a write still running."""
+    future = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        await asyncio.wait([future])
+        raise
+
+
+def codec_identity(codec: Codec, max_value_bytes: int | None) -> str:
+    """What decides which records a table accepts: a snapshot is only valid for the same."""
+    parts = [codec.spec, f"max_value_bytes={max_value_bytes}"]
+    if isinstance(codec, AvroCodec):
+        if codec.reader is not None:
+            parts.append(f"reader={codec.reader.fingerprint.hex()}")
+        parts.append("writers=" + ",".join(fp.hex() for fp in codec.writer_fingerprints))
+    elif isinstance(codec, JsonCodec) and codec.schema is not None:
+        parts.append(f"schema={codec.schema.fingerprint.hex()}")
+    return " ".join(parts)
+
+
+@dataclass
+class _Job:
+    """One topic's snapshot: the positions taken between two engine steps and the keys then."""
+
+    table: StateTable
+    partitions: int
+    positions: dict[int, int]
+    since: dict[int, float]
+    keys: list[str]
+    taken: float  # unix time
+
+
+class Snapshots:
+    """Saves and loads the snapshots of the tables read by one engine, in ``directory``."""
+
+    def __init__(
+        self,
+        directory: Path,
+        settings: SnapshotSettings,
+        kafka: KafkaSettings,
+        metrics: Metrics,
+        topics: dict[str, TopicSpec],
+        codecs: dict[str, Codec],
+    ) -> None:
+        self.directory = directory
+        self.settings = settings
+        self._kafka = kafka
+        self._metrics = metrics
+        self._codecs = {name: codec_identity(codecs[name], spec.max_value_bytes) for name, spec in topics.items()}
+        self._since: dict[TopicPartition, float] = {}
+        self._after_rebuild = False
+        self._last_write = time.monotonic()
+        self._task: asyncio.Task[None] | None = None
+        self.loaded: dict[str, dict[str, Any]] = {name: {"from": "full read"} for name in topics}
+
+    # -- loading ---------------------------------------------------------------
+
+    async def restore(
+        self, reader: TableReader, tables: dict[str, StateTable], ends: dict[TopicPartition, int], since: float
+    ) -> None:
+        """Load every valid snapshot into ``tables`` (fresh, empty) and seek its partition to the
+        snapshot's position; the others stay at the beginning. ``ends`` are the end offsets the
+        rebuild reads up to, taken after the wall time ``since``."""
+        await self.cancel()  # a write still running belongs to the tables being replaced
+        self._since = {tp: since for tp in reader.partitions}
+        self._after_rebuild = self.settings.after_rebuild
+        self._last_write = time.monotonic()
+        consumer = reader.consumer
+        starts: dict[TopicPartition, int] = await consumer.beginning_offsets(reader.partitions)
+        try:
+            retention = await delete_retention_ms(self._kafka, list(tables))
+        except KafkaError as exc:
+            log.warning("delete.retention.ms not readable (%r): snapshots cannot be checked", exc)
+            retention = {}
+        counts = Counter(tp.topic for tp in reader.partitions)
+        for topic, table in tables.items():
+            await asyncio.to_thread(self._discard_unfinished, topic)
+            states: dict[str, Any] = {}
+            for tp in sorted((tp for tp in reader.partitions if tp.topic == topic), key=lambda tp: tp.partition):
+                expected = Header(topic, tp.partition, counts[topic], self._codecs[topic], 0, 0, 0)
+                try:
+                    header = await self._load(table, expected, starts[tp], ends[tp], retention.get(topic))
+                except SnapshotError as exc:
+                    states[str(tp.partition)] = {"from": "full read", "reason": str(exc)}
+                    if exc.reason != "missing":
+                        self._metrics.snapshot_rejected.labels(topic, exc.reason).inc()
+                        log.warning("snapshot of %s/%d not used: %s: reading it from the beginning",
+                                    topic, tp.partition, exc)  # fmt: skip
+                    continue
+                consumer.seek(tp, header.position)
+                states[str(tp.partition)] = {
+                    "from": "snapshot", "position": header.position, "written_ms": header.written_ms,
+                }  # fmt: skip
+            used = sum(1 for s in states.values() if s["from"] == "snapshot")
+            if used:
+                table.keys_changed()
+                log.info("table %s: %d of %d partitions loaded from snapshots (%d keys), reading on from there",
+                         topic, used, len(states), len(table))  # fmt: skip
+            source = "snapshot" if used == len(states) else "full read" if not used else "snapshot and full read"
+            self.loaded[topic] = {"from": source, "partitions": states}
+            self._metrics.snapshot_partitions_loaded.labels(topic).set(used)
+
+    async def _load(
+        self, table: StateTable, expected: Header, start: int, end: int, retention_ms: int | None
+    ) -> Header:
+        path = path_of(self.directory, expected.topic, expected.partition)
+        try:
+            header = await asyncio.to_thread(read_header, path)
+        except FileNotFoundError:
+            raise SnapshotError("missing", "no snapshot") from None
+        except OSError as exc:
+            raise SnapshotError("unreadable", str(exc)) from exc
+        check(header, expected, start, end, retention_ms, time.time())
+        try:
+            loaded, entries = await asyncio.to_thread(read_entries, path)
+        except OSError as exc:
+            raise SnapshotError("unreadable", str(exc)) from exc
+        if loaded != header:
+            raise SnapshotError("changed", "the file changed while it was read")
+        table.data.update(entries)
+        return header
+
+    def _discard_unfinished(self, topic: str) -> None:
+        """Remove temporary files a killed process left (a write that never finished)."""
+        directory = self.directory / topic
+        if not directory.is_dir():
+            return
+        for tmp in directory.glob(f"*{TMP_SUFFIX}"):
+            log.warning("removing %s: a snapshot write was interrupted (the previous snapshot, if any, is intact)",
+                        tmp)  # fmt: skip
+            tmp.unlink(missing_ok=True)
+
+    def describe(self, topic: str) -> dict[str, Any]:
+        """How the table of ``topic`` was loaded by the last rebuild (for ``/v1/status``)."""
+        return self.loaded.get(topic, {"from": "full read"})
+
+    # -- saving ----------------------------------------------------------------
+
+    def due(self, quiet: bool) -> bool:
+        """Whether to save now; ``quiet``: the tables are complete and no plugin is resyncing."""
+        if self._task is not None and self._task.done():
+            self._task = None  # the last write ended (its failures are logged and counted)
+        if not quiet or self._task is not None:
+            return False
+        if self._after_rebuild:
+            return True
+        interval = self.settings.interval_s
+        return interval > 0 and time.monotonic() - self._last_write >= interval
+
+    async def save(self, reader: TableReader, tables: dict[str, StateTable]) -> None:
+        """Take the positions and key lists now (between two engine steps) and write in the background."""
+        jobs = await self._freeze(reader, tables)
+        self._task = asyncio.create_task(self._write(jobs), name="datasync-snapshot")
+
+    async def close(self, reader: TableReader | None, tables: dict[str, StateTable], final: bool) -> None:
+        """At shutdown: drop a write in progress, then (``final``) write the tables as they are."""
+        await self.cancel()
+        if final and reader is not None and self.settings.on_shutdown:
+            jobs = await self._freeze(reader, tables)
+            for job in jobs:  # sorted keys make the next load cheaper; nothing else runs now
+                job.keys = await asyncio.to_thread(sorted, job.keys)
+            await self._write(jobs)
+
+    async def cancel(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+
+    async def _freeze(self, reader: TableReader, tables: dict[str, StateTable]) -> list[_Job]:
+        self._after_rebuild = False
+        self._last_write = time.monotonic()
+        taken = time.time()
+        try:  # a partition read to its end now moves its "since" to now
+            async with asyncio.timeout(BROKER_TIMEOUT_S):
+                ends: dict[TopicPartition, int] = await reader.consumer.end_offsets(reader.partitions)
+        except (KafkaError, TimeoutError) as exc:
+            log.info("end offsets not known (%r): snapshots keep their previous age", exc)
+            ends = {}
+        positions = await reader.positions()
+        for tp, position in positions.items():
+            if tp in ends and position >= ends[tp]:
+                self._since[tp] = taken
+        counts = Counter(tp.topic for tp in positions)
+        jobs = []
+        for topic, table in tables.items():
+            owned = [tp for tp in positions if tp.topic == topic and tp in self._since]
+            jobs.append(_Job(
+                table, counts[topic], {tp.partition: positions[tp] for tp in owned},
+                {tp.partition: self._since[tp] for tp in owned}, table.key_order(), taken,
+            ))  # fmt: skip
+        return jobs
+
+    async def _write(self, jobs: list[_Job]) -> None:
+        for job in jobs:
+            topic = job.table.topic
+            try:
+                size = await self._write_topic(job)
+            except OSError as exc:
+                self._metrics.snapshot_write_failures.labels(topic).inc()
+                log.warning("snapshot of %s not written: %s (going on without it)", topic, exc)
+                continue
+            except Exception:  # a bug must not end the service: it only costs this snapshot
+                self._metrics.snapshot_write_failures.labels(topic).inc()
+                log.exception("snapshot of %s not written", topic)
+                continue
+            took = time.time() - job.taken
+            self._metrics.snapshot_bytes.labels(topic).set(size)
+            self._metrics.snapshot_write_seconds.labels(topic).set(took)
+            self._metrics.snapshot_taken[topic] = job.taken
+            log.info("snapshot of %s written: %d keys, %d bytes, in %.2fs", topic, len(job.keys), size, took)
+
+    async def _write_topic(self, job: _Job) -> int:
+        """Encode the entries a chunk of keys at a time on the loop; a thread writes the bytes."""
+        topic = job.table.topic
+        taken_ms = int(job.taken * 1000)
+        writers = {
+            p: SnapshotWriter(
+                path_of(self.directory, topic, p),
+                Header(topic, p, job.partitions, self._codecs[topic], position, int(job.since[p] * 1000), taken_ms),
+            )
+            for p, position in job.positions.items()
+        }
+        pending: dict[int, list[bytes]] = {p: [] for p in writers}
+        pending_entries = dict.fromkeys(writers, 0)
+        try:
+            for writer in writers.values():
+                await _blocking(writer.open)
+            data, keys = job.table.data, job.keys
+            for start in range(0, len(keys), CHUNK_KEYS):
+                blocks: dict[int, tuple[list[str], list[Packed]]] = {}
+                for key in keys[start : start + CHUNK_KEYS]:
+                    packed = data.get(key)
+                    if packed is None:  # deleted since: the replay from the position deletes it too
+                        continue
+                    part = packed[-2] | packed[-1] << 8  # the trailer's partition (little-endian u16)
+                    block = blocks.get(part)
+                    if block is None:
+                        block = blocks[part] = ([], [])
+                    block[0].append(key)
+                    block[1].append(packed)
+                for part, (block_keys, values) in blocks.items():
+                    if part not in writers:
+                        continue  # a partition this instance does not own
+                    pending[part].extend(encode_block(block_keys, values))
+                    pending_entries[part] += len(block_keys)
+                    if sum(map(len, pending[part])) >= FLUSH_BYTES:
+                        await self._flush(writers[part], pending, pending_entries, part)
+                await asyncio.sleep(0)  # let the engine run between chunks
+            for part, writer in writers.items():
+                await self._flush(writer, pending, pending_entries, part)
+                await _blocking(writer.finish)
+        except BaseException:
+            for writer in writers.values():
+                await _blocking(writer.discard)
+            raise
+        return sum(w.size for w in writers.values())
+
+    @staticmethod
+    async def _flush(
+        writer: SnapshotWriter, pending: dict[int, list[bytes]], entries: dict[int, int], part: int
+    ) -> None:
+        pieces, pending[part] = pending[part], []
+        count, entries[part] = entries[part], 0
+        await _blocking(writer.append, pieces, count)
+
+
+def check(header: Header, expected: Header, start: int, end: int, retention_ms: int | None, now: float) -> None:
+    """Raise SnapshotError unless the snapshot ``header`` may be loaded (see the module's doc)."""
+    for name in ("topic", "partition", "partitions", "codec"):
+        was, now_is = getattr(header, name), getattr(expected, name)
+        if was != now_is:
+            raise SnapshotError("bindings", f"written for {name} {was!r}, now {now_is!r}")
+    if not start <= header.position <= end:
+        raise SnapshotError(
+            "offsets", f"position {header.position} outside the log ({start}..{end}): records deleted, topic recreated?"
+        )
+    if retention_ms is None:
+        raise SnapshotError("retention", "the topic's delete.retention.ms could not be read")
+    age_ms = now * 1000 - header.since_ms
+    if age_ms >= retention_ms:
+        raise SnapshotError(
+            "retention",
+            f"{age_ms / 1000:.0f}s old, delete.retention.ms is {retention_ms} (deletes may have vanished)",
+        )

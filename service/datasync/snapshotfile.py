@@ -1,0 +1,235 @@
+"""The snapshot file of one (topic, partition): a small header, then the table's packed entries.
+
+Layout (integers little-endian)::
+
+    MAGIC (8 bytes) | header length (u32) | header (JSON) |
+    blocks: entries n (u32), key text bytes (u32), value bytes (u32),
+            n key lengths in characters (u32), n value lengths (u32), keys (UTF-8), values |
+    an empty block (n = 0) | entries (u64) | CRC-32 of every byte before it (u32)
+
+A block holds a few thousand entries, so the writer never builds more than that in memory and
+the reader turns a block into keys and values with a few bulk operations (one decode, slices).
+Values are the table's packed states (value + offset/timestamp/partition trailer), unchanged.
+
+Files are written under a temporary name, fsynced and renamed: a reader sees a whole file or
+the previous one. A file that is torn anyway (a disk that lies, a copy cut short) fails the
+length or checksum checks and raises ``SnapshotError``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import sys
+import zlib
+from array import array
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from itertools import accumulate, pairwise
+from pathlib import Path
+from sys import intern
+from typing import BinaryIO
+
+from datasync.table import Packed
+
+FORMAT_VERSION = 1
+MAGIC = b"DSSNAP\r\n"
+SUFFIX = ".snap"
+TMP_SUFFIX = ".snap.tmp"
+_LENGTH = struct.Struct("<I")
+_BLOCK = struct.Struct("<III")
+_ENTRIES = struct.Struct("<Q")
+_LITTLE = sys.byteorder == "little"
+if array("I").itemsize != 4:  # pragma: no cover - every platform CPython supports today
+    raise ImportError("snapshots need 4-byte unsigned ints in array('I')")
+
+
+class SnapshotError(Exception):
+    """A snapshot that cannot be used; ``reason`` is a short fixed word (a metric label)."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Header:
+    """What a snapshot covers and for which bindings it was written."""
+
+    topic: str
+    partition: int
+    partitions: int  # the topic's partition count when written
+    codec: str  # the codec identity (spec, schema fingerprints, value limit)
+    position: int  # first offset not included
+    since_ms: int  # every record at or after ``position`` was appended after this (unix ms)
+    written_ms: int
+    format: int = FORMAT_VERSION
+
+    def encode(self) -> bytes:
+        return json.dumps(asdict(self), sort_keys=True).encode()
+
+
+def path_of(directory: Path, topic: str, partition: int) -> Path:
+    return directory / topic / f"{partition}{SUFFIX}"
+
+
+def _lengths(items: list[str] | list[bytes]) -> bytes:
+    lengths = array("I", map(len, items))
+    if not _LITTLE:  # pragma: no cover
+        lengths.byteswap()
+    return lengths.tobytes()
+
+
+def _parse_lengths(raw: bytes) -> array[int]:
+    lengths = array("I")
+    lengths.frombytes(raw)
+    if not _LITTLE:  # pragma: no cover
+        lengths.byteswap()
+    return lengths
+
+
+def encode_block(keys: list[str], values: list[Packed]) -> list[bytes]:
+    """One block of entries, as pieces to write in order."""
+    text = "".join(keys).encode()
+    body = b"".join(values)
+    return [_BLOCK.pack(len(keys), len(text), len(body)), _lengths(keys), _lengths(values), text, body]
+
+
+class SnapshotWriter:
+    """Writes one partition's file; ``append`` and ``finish`` block on I/O (run them in a thread)."""
+
+    def __init__(self, path: Path, header: Header) -> None:
+        self.path = path
+        self.tmp = path.with_name(path.name.removesuffix(SUFFIX) + TMP_SUFFIX)
+        self.entries = 0
+        self.size = 0
+        self._crc = 0
+        self._file: BinaryIO | None = None
+        self._header = header.encode()
+
+    def open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.tmp, "wb")  # closed by finish() or discard()
+        self.append([MAGIC, _LENGTH.pack(len(self._header)), self._header], 0)
+
+    def append(self, pieces: list[bytes], entries: int) -> None:
+        assert self._file is not None
+        crc, write = self._crc, self._file.write
+        for piece in pieces:
+            crc = zlib.crc32(piece, crc)
+            write(piece)
+            self.size += len(piece)
+        self._crc = crc
+        self.entries += entries
+
+    def finish(self) -> None:
+        """Terminate, checksum, fsync, rename over the previous snapshot, fsync the directory."""
+        assert self._file is not None
+        self.append([_BLOCK.pack(0, 0, 0), _ENTRIES.pack(self.entries)], 0)
+        self._file.write(_LENGTH.pack(self._crc))
+        self.size += _LENGTH.size
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        self._file = None
+        os.replace(self.tmp, self.path)
+        fsync_directory(self.path.parent)
+
+    def discard(self) -> None:
+        """Drop an unfinished file (a failed or cancelled write)."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        self.tmp.unlink(missing_ok=True)
+
+
+def fsync_directory(directory: Path) -> None:
+    """Make a rename in ``directory`` durable."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_header(path: Path) -> Header:
+    with open(path, "rb") as f:
+        return _header(f.read, lambda _raw: None)
+
+
+def _header(read: Callable[[int], bytes], seen: Callable[[bytes], None]) -> Header:
+    magic = read(len(MAGIC))
+    if magic != MAGIC:
+        raise SnapshotError("format", "not a datasync snapshot file")
+    raw_length = read(_LENGTH.size)
+    (length,) = _LENGTH.unpack(raw_length) if len(raw_length) == _LENGTH.size else (-1,)
+    raw = read(length) if 0 <= length <= 1 << 20 else b""
+    if len(raw) != length:
+        raise SnapshotError("truncated", "header cut short")
+    for piece in (magic, raw_length, raw):
+        seen(piece)
+    try:
+        fields = json.loads(raw)
+        if fields.get("format") != FORMAT_VERSION:
+            raise SnapshotError("version", f"format {fields.get('format')!r}, this version reads {FORMAT_VERSION}")
+        return Header(**fields)
+    except SnapshotError:
+        raise
+    except (ValueError, TypeError) as exc:
+        raise SnapshotError("format", f"bad header: {exc}") from exc
+
+
+def read_entries(path: Path) -> tuple[Header, dict[str, Packed]]:
+    """Every entry of a snapshot file, after checking lengths and checksum (blocking: use a thread).
+
+    Keys are interned, as the tables' keys are.
+    """
+    crc = 0
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+
+        def take(n: int) -> bytes:
+            nonlocal crc
+            raw = f.read(n) if n <= size - f.tell() else b""  # never allocate what a bad length claims
+            if len(raw) != n:
+                raise SnapshotError("truncated", f"file ends {n - len(raw)} bytes early")
+            crc = zlib.crc32(raw, crc)
+            return raw
+
+        def seen(raw: bytes) -> None:
+            nonlocal crc
+            crc = zlib.crc32(raw, crc)
+
+        header = _header(f.read, seen)
+        entries: dict[str, Packed] = {}
+        total = 0
+        try:
+            while True:
+                n, text_bytes, value_bytes = _BLOCK.unpack(take(_BLOCK.size))
+                if n == 0:
+                    break
+                key_lengths = _parse_lengths(take(4 * n))
+                value_lengths = _parse_lengths(take(4 * n))
+                text = take(text_bytes).decode()
+                body = take(value_bytes)
+                if sum(key_lengths) != len(text) or sum(value_lengths) != value_bytes:
+                    raise SnapshotError("corrupt", "block lengths do not add up")
+                keys = [text[a:b] for a, b in pairwise(accumulate(key_lengths, initial=0))]
+                values = [body[a:b] for a, b in pairwise(accumulate(value_lengths, initial=0))]
+                entries.update(zip(map(intern, keys), values, strict=True))
+                total += n
+            (count,) = _ENTRIES.unpack(take(_ENTRIES.size))
+        except UnicodeDecodeError as exc:
+            raise SnapshotError("corrupt", f"keys are not UTF-8: {exc}") from exc
+        expected = crc
+        stored = f.read(_LENGTH.size)
+        if len(stored) != _LENGTH.size:
+            raise SnapshotError("truncated", "no checksum")
+        if f.read(1):
+            raise SnapshotError("corrupt", "bytes after the checksum")
+    if _LENGTH.unpack(stored)[0] != expected:
+        raise SnapshotError("checksum", "CRC-32 mismatch")
+    if count != total or len(entries) != total:
+        raise SnapshotError("corrupt", f"{total} entries ({len(entries)} keys), header of the end says {count}")
+    return header, entries

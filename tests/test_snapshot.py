@@ -1,0 +1,260 @@
+"""Local snapshots against the real broker: used only when provably right, equal to a full read."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+
+from datasync import DataSync
+from datasync.admin import prepare_topics
+from datasync.bindings import TopicSpec
+from datasync.codecs import Codec, JsonCodec, StringCodec
+from datasync.settings import KafkaSettings, SnapshotSettings, SyncSettings
+from datasync.snapshotfile import path_of, read_entries
+
+from conftest import eventually, put_all
+from recorder import Recorder
+
+# Compaction within seconds: small segments, any dirt is cleanable (the broker checks every second).
+COMPACT_SOON = {"segment.ms": "200", "min.cleanable.dirty.ratio": "0.001", "min.compaction.lag.ms": "0"}
+ONLY_AT_SHUTDOWN = SnapshotSettings(interval_s=0, after_rebuild=False, on_shutdown=True)
+
+Engines = Callable[..., DataSync]
+
+
+@pytest.fixture
+async def engines(bootstrap: str) -> AsyncIterator[Engines]:
+    made: list[DataSync] = []
+
+    def make(
+        topic: str,
+        state: Path | None,
+        config: dict[str, str] | None = None,
+        codec: Codec | None = None,
+        snapshot: SnapshotSettings = ONLY_AT_SHUTDOWN,
+    ) -> DataSync:
+        engine = DataSync(KafkaSettings(bootstrap_servers=bootstrap), SyncSettings(), state_dir=state, snapshot=snapshot)
+        spec = TopicSpec(name=topic, partitions=3, value="string", config=config or {})
+        engine.add_topic(spec, codec or StringCodec())
+        engine.watch("view", Recorder(), {topic: [""]})
+        made.append(engine)
+        return engine
+
+    yield make
+    for engine in made:
+        await engine.stop()
+
+
+async def run_until_ready(engine: DataSync) -> None:
+    await prepare_topics(engine.kafka, list(engine._topics.values()), create=True)
+    await engine.start()
+    async with asyncio.timeout(30):
+        await engine.wait_ready()
+
+
+async def table_after(engine: DataSync, topic: str) -> dict[str, bytes]:
+    await run_until_ready(engine)
+    data = dict(engine.table(topic).data)
+    await engine.stop()
+    return data
+
+
+def loaded_from(engine: DataSync, topic: str) -> dict[str, str]:
+    partitions = engine._snapshots.describe(topic)["partitions"] if engine._snapshots else {}
+    return {p: s["from"] for p, s in partitions.items()}
+
+
+async def raw_records(bootstrap: str, topic: str) -> int:
+    """Records physically left in the topic (fewer than written once compaction ran)."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        tps = [TopicPartition(topic, p) for p in range(3)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        ends = await consumer.end_offsets(tps)
+        n = 0
+        while any([await consumer.position(tp) < ends[tp] for tp in tps]):
+            n += sum(len(r) for r in (await consumer.getmany(timeout_ms=500)).values())
+        return n
+    finally:
+        await consumer.stop()
+
+
+def history(start: int, count: int) -> list[tuple[Any, ...]]:
+    """Puts, overwrites and deletes over 400 keys; key i always goes to partition i % 3."""
+    records: list[tuple[Any, ...]] = []
+    for n in range(start, start + count):
+        i = (n * 7) % 400
+        value = None if n % 5 == 2 else f"v{n}"
+        records.append((f"k{i:03d}", value, i % 3))
+    return records
+
+
+async def test_snapshot_and_catch_up_equal_a_full_read_after_deletes_overwrites_and_compaction(
+    engines: Engines, producer: AIOKafkaProducer, bootstrap: str, topic: str, tmp_path: Path
+) -> None:
+    state = tmp_path / "state"
+    first = engines(topic, state, COMPACT_SOON)
+    await prepare_topics(first.kafka, list(first._topics.values()), create=True)
+    await put_all(producer, topic, history(0, 3000))
+    before = await table_after(first, topic)  # stop() writes the snapshot
+    assert all(path_of(state, topic, p).exists() for p in range(3))
+    assert loaded_from(first, topic) == {"0": "full read", "1": "full read", "2": "full read"}
+
+    # While it is down: overwrites, deletes (of keys in the snapshot), new keys, deleted keys back.
+    written = 3000 + 2000
+    await put_all(producer, topic, [*history(3000, 2000), *[(f"new{i}", f"n{i}", i % 3) for i in range(50)]])
+    await put_all(producer, topic, [(f"k{i:03d}", None, i % 3) for i in range(0, 400, 11)])
+    async with asyncio.timeout(60):  # compaction removed records the snapshot's replay would have read
+        await put_all(producer, topic, [("tick", "x", 0)])
+        await eventually(lambda: _compacted(bootstrap, topic, written), interval=1.0)
+
+    restarted = engines(topic, state, COMPACT_SOON)
+    from_snapshot = await table_after(restarted, topic)
+    assert loaded_from(restarted, topic) == {"0": "snapshot", "1": "snapshot", "2": "snapshot"}
+    assert restarted.metrics.snapshot_partitions_loaded.labels(topic)._value.get() == 3
+    full = await table_after(engines(topic, None, COMPACT_SOON), topic)
+    assert from_snapshot == full  # byte for byte: values, offsets, timestamps, partitions
+    assert from_snapshot != before and any(k.startswith("new") for k in full)
+
+
+async def _compacted(bootstrap: str, topic: str, written: int) -> bool:
+    return await raw_records(bootstrap, topic) < written
+
+
+async def test_a_snapshot_is_used_only_for_the_same_bindings(
+    engines: Engines, producer: AIOKafkaProducer, topic: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    state = tmp_path / "state"
+    first = engines(topic, state)
+    await prepare_topics(first.kafka, list(first._topics.values()), create=True)
+    await put_all(producer, topic, [(f"k{i}", '{"n": 1}', i % 3) for i in range(30)])
+    await table_after(first, topic)
+    other_codec = engines(topic, state, codec=JsonCodec())
+    with caplog.at_level(logging.WARNING, logger="datasync.snapshot"):
+        await table_after(other_codec, topic)
+    assert loaded_from(other_codec, topic) == {"0": "full read", "1": "full read", "2": "full read"}
+    reasons = [r.getMessage() for r in caplog.records if "not used" in r.getMessage()]
+    assert len(reasons) == 3 and all("bindings: written for codec" in r for r in reasons), reasons
+    assert other_codec.metrics.snapshot_rejected.labels(topic, "bindings")._value.get() == 3
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+async def test_a_damaged_file_is_detected_and_the_partition_read_in_full(
+    engines: Engines, producer: AIOKafkaProducer, topic: str, tmp_path: Path, damage: str
+) -> None:
+    state = tmp_path / "state"
+    first = engines(topic, state)
+    await prepare_topics(first.kafka, list(first._topics.values()), create=True)
+    await put_all(producer, topic, [(f"k{i}", f"v{i}" * 20, i % 3) for i in range(300)])
+    full = await table_after(first, topic)
+    path = path_of(state, topic, 1)
+    raw = bytearray(path.read_bytes())
+    if damage == "truncate":
+        path.write_bytes(raw[: len(raw) // 2])
+    else:
+        raw[len(raw) // 2] ^= 0x01
+        path.write_bytes(raw)
+    again = engines(topic, state)
+    assert await table_after(again, topic) == full
+    assert loaded_from(again, topic) == {"0": "snapshot", "1": "full read", "2": "snapshot"}
+    reason = again._snapshots.describe(topic)["partitions"]["1"]["reason"] if again._snapshots else ""
+    assert reason.startswith("truncated" if damage == "truncate" else "checksum"), reason
+
+
+async def test_a_snapshot_older_than_delete_retention_is_not_used(
+    engines: Engines, producer: AIOKafkaProducer, topic: str, tmp_path: Path
+) -> None:
+    state = tmp_path / "state"
+    config = {"delete.retention.ms": "3000"}
+    first = engines(topic, state, config)
+    await prepare_topics(first.kafka, list(first._topics.values()), create=True)
+    await put_all(producer, topic, [(f"k{i}", f"v{i}", i % 3) for i in range(30)])
+    await table_after(first, topic)
+    fresh = engines(topic, state, config)
+    await table_after(fresh, topic)
+    assert loaded_from(fresh, topic) == {"0": "snapshot", "1": "snapshot", "2": "snapshot"}
+    await asyncio.sleep(3.1)  # the snapshot fresh wrote at its stop is now older than delete.retention.ms
+    late = engines(topic, state, config)
+    await table_after(late, topic)
+    assert loaded_from(late, topic) == {"0": "full read", "1": "full read", "2": "full read"}
+    reason = late._snapshots.describe(topic)["partitions"]["0"]["reason"] if late._snapshots else ""
+    assert reason.startswith("retention:") and "delete.retention.ms is 3000" in reason
+
+
+async def test_a_topic_recreated_shorter_is_detected(
+    engines: Engines, producer: AIOKafkaProducer, bootstrap: str, topic: str, tmp_path: Path
+) -> None:
+    state = tmp_path / "state"
+    first = engines(topic, state)
+    await prepare_topics(first.kafka, list(first._topics.values()), create=True)
+    await put_all(producer, topic, [(f"k{i}", f"v{i}", i % 3) for i in range(60)])
+    await table_after(first, topic)
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.delete_topics([topic])
+        async with asyncio.timeout(30):
+            while topic in await admin.list_topics():
+                await asyncio.sleep(0.2)
+    finally:
+        await admin.close()
+    recreated = engines(topic, state)
+    await prepare_topics(recreated.kafka, list(recreated._topics.values()), create=True)
+    await put_all(producer, topic, [("only", "one", 0)])
+    assert await table_after(recreated, topic) == await table_after(engines(topic, None), topic)
+    assert set(recreated.table(topic).data) == {"only"}
+    reasons = recreated._snapshots.describe(topic)["partitions"] if recreated._snapshots else {}
+    assert all(s["reason"].startswith("offsets:") for s in reasons.values()), reasons
+
+
+async def test_an_unwritable_state_dir_is_counted_and_the_service_goes_on(
+    engines: Engines, producer: AIOKafkaProducer, topic: str, tmp_path: Path
+) -> None:
+    state = tmp_path / "not-a-dir"
+    state.write_text("a file where the state directory should be")
+    engine = engines(topic, state, snapshot=SnapshotSettings(interval_s=0.2))
+    await run_until_ready(engine)
+    failures = engine.metrics.snapshot_write_failures.labels(topic)
+    async with asyncio.timeout(20):
+        while failures._value.get() < 2:  # the periodic writes keep failing, and keep being counted
+            await asyncio.sleep(0.1)
+    await put_all(producer, topic, [("k", "v", 0)])
+    plugin = engine._registrations[0].plugin
+    assert isinstance(plugin, Recorder)
+    async with asyncio.timeout(20):
+        await engine.wait_for(lambda: plugin.view.get("k") == "v")
+    assert engine.running
+
+
+async def test_periodic_snapshots_cover_live_changes_and_the_status_says_how_tables_were_loaded(
+    engines: Engines, producer: AIOKafkaProducer, topic: str, tmp_path: Path
+) -> None:
+    state = tmp_path / "state"
+    periodic = SnapshotSettings(interval_s=0.3, after_rebuild=True, on_shutdown=False)
+    engine = engines(topic, state, snapshot=periodic)
+    await run_until_ready(engine)
+    await put_all(producer, topic, [(f"k{i}", f"v{i}", i % 3) for i in range(90)])
+    plugin = engine._registrations[0].plugin
+    assert isinstance(plugin, Recorder)
+    async with asyncio.timeout(20):
+        await engine.wait_for(lambda: len(plugin.view) == 90)
+    deadline = time.monotonic() + 20
+    while sum(len(read_entries(path_of(state, topic, p))[1]) for p in range(3)) < 90:
+        assert time.monotonic() < deadline, "no periodic snapshot covered the live changes"
+        await asyncio.sleep(0.2)
+    await engine.stop()
+    again = engines(topic, state)
+    await run_until_ready(again)
+    status = (await again.topics_status())[topic]["loaded"]
+    assert status["from"] == "snapshot" and set(status["partitions"]) == {"0", "1", "2"}
+    assert len(again.table(topic)) == 90
