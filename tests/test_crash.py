@@ -85,9 +85,9 @@ plugins:
             assert time.monotonic() < deadline, self.log()
             time.sleep(0.1)
 
-    def start(self) -> None:
+    def start(self, **extra_env: str) -> None:
         env = {**os.environ, "DATASYNC_KAFKA__BOOTSTRAP_SERVERS": self.bootstrap, "DATASYNC_HTTP__ENABLED": "false",
-               "PYTHONPATH": str(ROOT / "tests")}  # fmt: skip
+               "PYTHONPATH": str(ROOT / "tests"), **extra_env}  # fmt: skip
         log = open(self.workdir / "service.log", "ab")
         self.process = subprocess.Popen([sys.executable, "-m", "datasync.cli", "run"], cwd=self.workdir, env=env,
                                         stdout=log, stderr=log)  # fmt: skip

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -22,6 +23,7 @@ from datasync.snapshotfile import path_of, read_entries
 
 from conftest import eventually, put_all
 from recorder import Recorder
+from test_crash import Service
 
 # Compaction within seconds: small segments, any dirt is cleanable (the broker checks every second).
 COMPACT_SOON = {"segment.ms": "200", "min.cleanable.dirty.ratio": "0.001", "min.compaction.lag.ms": "0"}
@@ -258,3 +260,63 @@ async def test_periodic_snapshots_cover_live_changes_and_the_status_says_how_tab
     status = (await again.topics_status())[topic]["loaded"]
     assert status["from"] == "snapshot" and set(status["partitions"]) == {"0", "1", "2"}
     assert len(again.table(topic)) == 90
+
+
+def test_sigkill_during_a_snapshot_write_leaves_the_previous_snapshot_in_use(
+    tmp_path: Path, bootstrap: str, topic: str
+) -> None:
+    """A real ``datasync run`` killed while it writes its shutdown snapshot: the next start removes
+    the torn file, loads the previous snapshot and converges to the topic's state."""
+    service = Service(tmp_path, bootstrap, topic)
+    service.bindings(resync_delay_s=0)
+    env = {"DATASYNC_STATE_DIR": str(tmp_path / "state"), "DATASYNC_SNAPSHOT__INTERVAL_S": "0"}
+    keys = 100_000
+    asyncio.run(_fill(bootstrap, topic, [(f"k{i}", b'{"n": %d}' % i) for i in range(keys)]))
+    try:
+        service.start(**env)
+        snaps = [path_of(tmp_path / "state", topic, p) for p in range(3)]
+        deadline = time.monotonic() + 90
+        while not all(s.exists() for s in snaps):  # written once the plugin resynced
+            assert time.monotonic() < deadline and service.process and service.process.poll() is None, service.log()
+            time.sleep(0.1)
+        changed = [(f"k{i}", None if i % 2 else b'{"n": -1}') for i in range(0, keys, 97)]
+        asyncio.run(_fill(bootstrap, topic, changed))
+        expected: dict[str, Any] = {f"k{i}": {"n": i} for i in range(keys)}
+        for key, value in changed:
+            if value is None:
+                del expected[key]
+            else:
+                expected[key] = {"n": -1}
+        service.wait_view(expected, timeout=90)
+        assert service.process is not None
+        service.process.send_signal(signal.SIGTERM)  # starts the shutdown snapshot...
+        tmp = [s.with_name(f"{p}.snap.tmp") for p, s in enumerate(snaps)]
+        deadline = time.monotonic() + 30
+        while not any(t.exists() for t in tmp):
+            assert time.monotonic() < deadline, service.log()
+            time.sleep(0.001)
+        service.kill()  # ...and dies in the middle of it
+        assert any(t.exists() for t in tmp), "the write finished before the kill"
+        (tmp_path / "view.json").unlink()
+        service.start(**env)
+        service.wait_log("a snapshot write was interrupted", timeout=60)
+        service.wait_log("3 of 3 partitions loaded from snapshots", timeout=60)
+        service.wait_view(expected, timeout=90)
+        assert not any(t.exists() for t in tmp)
+    finally:
+        if service.process is not None and service.process.poll() is None:
+            service.process.terminate()
+            service.process.wait(timeout=60)
+
+
+async def _fill(bootstrap: str, topic: str, records: list[tuple[str, bytes | None]]) -> None:
+    await prepare_topics(
+        KafkaSettings(bootstrap_servers=bootstrap), [TopicSpec(name=topic, partitions=3, value="json")], create=True
+    )
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=20, max_batch_size=256 * 1024)
+    await producer.start()
+    try:
+        futures = [await producer.send(topic, key=k.encode(), value=v) for k, v in records]
+        await asyncio.gather(*futures)
+    finally:
+        await producer.stop()
