@@ -16,6 +16,8 @@ MAX_RATIO_READING = 1.0  # time of a resync whose plugins read every value / tim
 MIN_LIVE_RATE = 50_000  # changes/s
 MAX_P99_MS = 50.0  # at 5,000 records/s
 MEMORY_FACTOR, MEMORY_PER_KEY = 2.0, 200.0  # bytes/key <= 2 x raw key+value bytes + 200
+MIN_RESTART_SPEEDUP = 10.0  # full rebuild time / restart-from-snapshot time
+MAX_SNAPSHOT_P99_MS = 10.0  # at 5,000 records/s while a snapshot is written
 
 
 @dataclass
@@ -104,7 +106,37 @@ def rows(results: dict[str, Any]) -> list[Row]:
         out.append(
             Row("memory per key after resync", measured, f"<= {target:,.0f} B", memory["bytes_per_key"] <= target)
         )
+    restart = results.get("restart")
+    if restart:
+        out.extend(restart_rows(restart))
     return out
+
+
+def restart_rows(restart: dict[str, Any]) -> list[Row]:
+    full, snap = restart["full"], restart["snapshot"]
+    times = f"{restart['speedup']:.1f}x ({full['seconds']:.2f}s / {snap['seconds']:.2f}s)"
+    where = f"restart, {restart['changed_keys']:,} keys changed"
+    equal = restart["equal_tables"] and restart["all_loaded_from_snapshot"]
+    mib = 1 << 20
+    rss = f"{snap['rss_after'] / mib:,.0f} MiB vs {full['rss_after'] / mib:,.0f} MiB"
+    quiet, busy = restart["latency_without_snapshots"], restart["latency_while_writing"]
+    lat = f"p50 {busy['p50_ms']:.1f} ms, p99 {busy['p99_ms']:.1f} ms"
+    return [
+        Row(where, times, f">= {MIN_RESTART_SPEEDUP:.0f}x faster", restart["speedup"] >= MIN_RESTART_SPEEDUP),
+        Row("  table equal to the full rebuild's", "yes" if equal else "NO", "equal", equal),
+        Row(
+            "  snapshot files",
+            f"{restart['seed']['snapshot_bytes'] / mib:,.0f} MiB, written in {restart['seed']['stop_seconds']:.2f}s",
+        ),
+        Row("  RSS after ready, snapshot vs full", rss, "not above", snap["rss_after"] <= full["rss_after"]),
+        Row(
+            f"latency at {busy['rate']:,}/s, writing snapshots",
+            lat,
+            f"p99 <= {MAX_SNAPSHOT_P99_MS:.0f} ms",
+            busy["p99_ms"] <= MAX_SNAPSHOT_P99_MS,
+        ),
+        Row("  same, no snapshots", f"p50 {quiet['p50_ms']:.1f} ms, p99 {quiet['p99_ms']:.1f} ms"),
+    ]
 
 
 def table(rows_: list[Row]) -> str:

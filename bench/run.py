@@ -36,11 +36,12 @@ from phases import (
     resync_round,
 )
 from report import rows, summarize_rounds, table, write_json
+from restart import restart_child, restart_phase
 from workload import RESULTS, ROOT, GcClock, TableLayout, c_extensions, item_codec
 
 from datasync.codecs import AvroCodec
 
-PHASES = ("resync", "memory", "live")
+PHASES = ("resync", "memory", "live", "restart")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -58,6 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # Internal: the phases that run in a fresh process.
     p.add_argument("--child-memory", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--child-produce", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--child-restart", choices=["seed", "full", "snapshot"], help=argparse.SUPPRESS)
+    p.add_argument("--state-dir", help=argparse.SUPPRESS)
     p.add_argument("--topic", help=argparse.SUPPRESS)
     p.add_argument("--partitions", type=int, default=3, help=argparse.SUPPRESS)
     p.add_argument("--rate", type=int, default=0, help=argparse.SUPPRESS)
@@ -145,6 +148,12 @@ async def bench(args: argparse.Namespace, bootstrap: str, own_broker: bool) -> d
         progress(f"live: {args.live_seconds:.0f}s full-speed writer, then {args.latency_rate:,}/s for latency")
         live = await live_phase(bootstrap, args.live_seconds, args.latency_rate, args.latency_seconds)
         results["live"] = live_dict(live)
+    if "restart" in phases:
+        progress("restart: from a snapshot with 1% of the keys changed, against a full rebuild")
+        rounds = max(2, args.rounds - 1)
+        results["restart"] = await restart_phase(
+            bootstrap, layout, rounds, args.latency_rate, args.latency_seconds, progress
+        )
     results["environment"]["loadavg_end"] = os.getloadavg()
     return results
 
@@ -202,6 +211,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     if args.child_memory:
         print(json.dumps(asyncio.run(memory_child(args.bootstrap, TableLayout(args.keys)))))
+        return 0
+    if args.child_restart:
+        restart = restart_child(args.bootstrap, TableLayout(args.keys), args.topic, args.state_dir, args.child_restart)
+        print(json.dumps(asyncio.run(restart)))
         return 0
     if args.child_produce:
         live = produce_live(args.bootstrap, args.topic, args.partitions, args.keys, args.rate, args.seconds)

@@ -201,15 +201,7 @@ async def test_a_topic_recreated_shorter_is_detected(
     await prepare_topics(first.kafka, list(first._topics.values()), create=True)
     await put_all(producer, topic, [(f"k{i}", f"v{i}", i % 3) for i in range(60)])
     await table_after(first, topic)
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        await admin.delete_topics([topic])
-        async with asyncio.timeout(30):
-            while topic in await admin.list_topics():
-                await asyncio.sleep(0.2)
-    finally:
-        await admin.close()
+    await _delete(bootstrap, topic)
     recreated = engines(topic, state)
     await prepare_topics(recreated.kafka, list(recreated._topics.values()), create=True)
     await put_all(producer, topic, [("only", "one", 0)])
@@ -320,3 +312,32 @@ async def _fill(bootstrap: str, topic: str, records: list[tuple[str, bytes | Non
         await asyncio.gather(*futures)
     finally:
         await producer.stop()
+
+
+async def test_a_topic_recreated_and_refilled_past_the_position_is_detected(
+    engines: Engines, producer: AIOKafkaProducer, bootstrap: str, topic: str, tmp_path: Path
+) -> None:
+    state = tmp_path / "state"
+    first = engines(topic, state)
+    await prepare_topics(first.kafka, list(first._topics.values()), create=True)
+    await put_all(producer, topic, [(f"k{i}", f"v{i}", i % 3) for i in range(30)])
+    await table_after(first, topic)
+    await _delete(bootstrap, topic)
+    recreated = engines(topic, state)
+    await prepare_topics(recreated.kafka, list(recreated._topics.values()), create=True)
+    await put_all(producer, topic, [(f"other{i}", f"w{i}", i % 3) for i in range(60)])  # offsets beyond the old ones
+    assert await table_after(recreated, topic) == await table_after(engines(topic, None), topic)
+    reasons = recreated._snapshots.describe(topic)["partitions"] if recreated._snapshots else {}
+    assert all(s["reason"].startswith("recreated:") for s in reasons.values()), reasons
+
+
+async def _delete(bootstrap: str, topic: str) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.delete_topics([topic])
+        async with asyncio.timeout(30):
+            while topic in await admin.list_topics():
+                await asyncio.sleep(0.2)
+    finally:
+        await admin.close()

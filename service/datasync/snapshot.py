@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from aiokafka import TopicPartition
+from aiokafka import ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 
 from datasync.admin import delete_retention_ms
@@ -50,13 +50,14 @@ from datasync.snapshotfile import (
     read_entries,
     read_header,
 )
-from datasync.table import Packed, StateTable
+from datasync.table import Entry, Packed, StateTable
 
 log = logging.getLogger("datasync.snapshot")
 
 CHUNK_KEYS = 4096  # keys encoded per step on the event loop (about a millisecond)
 FLUSH_BYTES = 4 << 20  # encoded bytes handed to the writing thread at once
 BROKER_TIMEOUT_S = 10.0
+PROBE_TIMEOUT_S = 5.0
 T = TypeVar("T")
 
 
@@ -144,8 +145,9 @@ class Snapshots:
             for tp in sorted((tp for tp in reader.partitions if tp.topic == topic), key=lambda tp: tp.partition):
                 expected = Header(topic, tp.partition, counts[topic], self._codecs[topic], 0, 0, 0)
                 try:
-                    header = await self._load(table, expected, starts[tp], ends[tp], retention.get(topic))
+                    header = await self._load(reader, tp, table, expected, starts[tp], ends[tp], retention.get(topic))
                 except SnapshotError as exc:
+                    await consumer.seek_to_beginning(tp)  # the probe may have moved it
                     states[str(tp.partition)] = {"from": "full read", "reason": str(exc)}
                     if exc.reason != "missing":
                         self._metrics.snapshot_rejected.labels(topic, exc.reason).inc()
@@ -166,7 +168,14 @@ class Snapshots:
             self._metrics.snapshot_partitions_loaded.labels(topic).set(used)
 
     async def _load(
-        self, table: StateTable, expected: Header, start: int, end: int, retention_ms: int | None
+        self,
+        reader: TableReader,
+        tp: TopicPartition,
+        table: StateTable,
+        expected: Header,
+        start: int,
+        end: int,
+        retention_ms: int | None,
     ) -> Header:
         path = path_of(self.directory, expected.topic, expected.partition)
         try:
@@ -176,6 +185,7 @@ class Snapshots:
         except OSError as exc:
             raise SnapshotError("unreadable", str(exc)) from exc
         check(header, expected, start, end, retention_ms, time.time())
+        await probe(reader, tp, header)
         try:
             loaded, entries = await asyncio.to_thread(read_entries, path)
         except OSError as exc:
@@ -282,10 +292,12 @@ class Snapshots:
         """Encode the entries a chunk of keys at a time on the loop; a thread writes the bytes."""
         topic = job.table.topic
         taken_ms = int(job.taken * 1000)
+        probes = _probes(job)
+        since_ms = {p: int(since * 1000) for p, since in job.since.items()}
         writers = {
             p: SnapshotWriter(
                 path_of(self.directory, topic, p),
-                Header(topic, p, job.partitions, self._codecs[topic], position, int(job.since[p] * 1000), taken_ms),
+                Header(topic, p, job.partitions, self._codecs[topic], position, since_ms[p], taken_ms, probes.get(p)),
             )
             for p, position in job.positions.items()
         }
@@ -331,6 +343,42 @@ class Snapshots:
         pieces, pending[part] = pending[part], []
         count, entries[part] = entries[part], 0
         await _blocking(writer.append, pieces, count)
+
+
+def _probes(job: _Job) -> dict[int, tuple[int, int, str]]:
+    """One record per partition the snapshot holds (offset, timestamp, key), from the first keys."""
+    found: dict[int, tuple[int, int, str]] = {}
+    data = job.table.data
+    for n, key in enumerate(job.keys):
+        packed = data.get(key)
+        if packed is not None:
+            entry = Entry.unpack(packed)
+            found.setdefault(entry.partition, (entry.offset, entry.timestamp, key))
+        if len(found) >= len(job.positions) or n % CHUNK_KEYS == CHUNK_KEYS - 1:
+            break  # a partition with no key among the first ones goes without a probe
+    return found
+
+
+async def probe(reader: TableReader, tp: TopicPartition, header: Header) -> None:
+    """Read the record at the snapshot's probe offset: if one is there and it is not the record
+    the snapshot holds, the topic was recreated (and refilled past the position). If compaction
+    removed it, nothing can be told (the next record has a higher offset)."""
+    if header.probe is None:
+        return
+    offset, timestamp, key = header.probe
+    consumer = reader.consumer
+    consumer.seek(tp, offset)
+    try:
+        async with asyncio.timeout(PROBE_TIMEOUT_S):
+            records: list[ConsumerRecord[bytes, bytes]] = []
+            while not records and await consumer.position(tp) < header.position:
+                records = (await consumer.getmany(tp, timeout_ms=500, max_records=1)).get(tp, [])
+    except TimeoutError:
+        return
+    if records and records[0].offset == offset:
+        record = records[0]
+        if record.key != key.encode() or record.timestamp != timestamp:
+            raise SnapshotError("recreated", f"the record at offset {offset} is not the one the snapshot holds")
 
 
 def check(header: Header, expected: Header, start: int, end: int, retention_ms: int | None, now: float) -> None:

@@ -64,6 +64,7 @@ class Header:
     position: int  # first offset not included
     since_ms: int  # every record at or after ``position`` was appended after this (unix ms)
     written_ms: int
+    probe: tuple[int, int, str] | None = None  # offset, timestamp, key of one record it holds
     format: int = FORMAT_VERSION
 
     def encode(self) -> bytes:
@@ -173,7 +174,8 @@ def _header(read: Callable[[int], bytes], seen: Callable[[bytes], None]) -> Head
         fields = json.loads(raw)
         if fields.get("format") != FORMAT_VERSION:
             raise SnapshotError("version", f"format {fields.get('format')!r}, this version reads {FORMAT_VERSION}")
-        return Header(**fields)
+        probe = fields.pop("probe", None)
+        return Header(**fields, probe=None if probe is None else (int(probe[0]), int(probe[1]), str(probe[2])))
     except SnapshotError:
         raise
     except (ValueError, TypeError) as exc:
