@@ -54,10 +54,12 @@ from datasync.table import Entry, Packed, StateTable
 
 log = logging.getLogger("datasync.snapshot")
 
-CHUNK_KEYS = 4096  # keys encoded per step on the event loop (about a millisecond)
+CHUNK_KEYS = 1024  # keys encoded per step on the event loop (a fraction of a millisecond)
+LOOP_SHARE = 0.5  # at most this share of the event loop's time goes to encoding a snapshot
 FLUSH_BYTES = 4 << 20  # encoded bytes handed to the writing thread at once
-BROKER_TIMEOUT_S = 10.0
+BROKER_TIMEOUT_S = 5.0
 PROBE_TIMEOUT_S = 5.0
+PROBE_SCAN_KEYS = 4096  # a partition with no key among the first ones gets no probe
 T = TypeVar("T")
 
 
@@ -124,9 +126,10 @@ class Snapshots:
     async def restore(
         self, reader: TableReader, tables: dict[str, StateTable], ends: dict[TopicPartition, int], since: float
     ) -> None:
-        """Load every valid snapshot into ``tables`` (fresh, empty) and seek its partition to the
-        snapshot's position; the others stay at the beginning. ``ends`` are the end offsets the
-        rebuild reads up to, taken after the wall time ``since``."""
+        """For every partition the reader is assigned (those this instance owns), load its snapshot
+        into ``tables`` (fresh, empty) if it is valid and seek the partition to its position; the
+        others stay at the beginning. ``ends`` are the end offsets the rebuild reads up to, taken
+        after the wall time ``since``."""
         await self.cancel()  # a write still running belongs to the tables being replaced
         self._since = {tp: since for tp in reader.partitions}
         self._after_rebuild = self.settings.after_rebuild
@@ -145,7 +148,9 @@ class Snapshots:
             for tp in sorted((tp for tp in reader.partitions if tp.topic == topic), key=lambda tp: tp.partition):
                 expected = Header(topic, tp.partition, counts[topic], self._codecs[topic], 0, 0, 0)
                 try:
-                    header = await self._load(reader, tp, table, expected, starts[tp], ends[tp], retention.get(topic))
+                    header = await self.load_partition(
+                        reader, tp, table, expected, starts[tp], ends[tp], retention.get(topic)
+                    )
                 except SnapshotError as exc:
                     await consumer.seek_to_beginning(tp)  # the probe may have moved it
                     states[str(tp.partition)] = {"from": "full read", "reason": str(exc)}
@@ -153,6 +158,12 @@ class Snapshots:
                         self._metrics.snapshot_rejected.labels(topic, exc.reason).inc()
                         log.warning("snapshot of %s/%d not used: %s: reading it from the beginning",
                                     topic, tp.partition, exc)  # fmt: skip
+                    if exc.partial:  # the table holds part of it: read the whole topic instead
+                        table.data.clear()
+                        owned = [p for p in reader.partitions if p.topic == topic]
+                        await consumer.seek_to_beginning(*owned)
+                        states = {str(p.partition): states[str(tp.partition)] for p in owned}
+                        break
                     continue
                 consumer.seek(tp, header.position)
                 states[str(tp.partition)] = {
@@ -167,7 +178,7 @@ class Snapshots:
             self.loaded[topic] = {"from": source, "partitions": states}
             self._metrics.snapshot_partitions_loaded.labels(topic).set(used)
 
-    async def _load(
+    async def load_partition(
         self,
         reader: TableReader,
         tp: TopicPartition,
@@ -177,6 +188,9 @@ class Snapshots:
         end: int,
         retention_ms: int | None,
     ) -> Header:
+        """Load the snapshot of ``tp`` into ``table`` if it passes every check; the caller seeks
+        ``tp`` to the returned position. Raises SnapshotError otherwise, with the table untouched
+        unless the error says ``partial``."""
         path = path_of(self.directory, expected.topic, expected.partition)
         try:
             header = await asyncio.to_thread(read_header, path)
@@ -187,12 +201,11 @@ class Snapshots:
         check(header, expected, start, end, retention_ms, time.time())
         await probe(reader, tp, header)
         try:
-            loaded, entries = await asyncio.to_thread(read_entries, path)
+            loaded, _ = await asyncio.to_thread(read_entries, path, table.data)
         except OSError as exc:
             raise SnapshotError("unreadable", str(exc)) from exc
         if loaded != header:
-            raise SnapshotError("changed", "the file changed while it was read")
-        table.data.update(entries)
+            raise SnapshotError("changed", "the file was replaced while it was read", partial=True)
         return header
 
     def _discard_unfinished(self, topic: str) -> None:
@@ -308,6 +321,7 @@ class Snapshots:
                 await _blocking(writer.open)
             data, keys = job.table.data, job.keys
             for start in range(0, len(keys), CHUNK_KEYS):
+                began = time.perf_counter()
                 blocks: dict[int, tuple[list[str], list[Packed]]] = {}
                 for key in keys[start : start + CHUNK_KEYS]:
                     packed = data.get(key)
@@ -326,7 +340,9 @@ class Snapshots:
                     pending_entries[part] += len(block_keys)
                     if sum(map(len, pending[part])) >= FLUSH_BYTES:
                         await self._flush(writers[part], pending, pending_entries, part)
-                await asyncio.sleep(0)  # let the engine run between chunks
+                # Let the engine run between chunks, for at least as long as the chunk took: a
+                # snapshot must not starve change delivery, however long it takes to write.
+                await asyncio.sleep((time.perf_counter() - began) * (1 - LOOP_SHARE) / LOOP_SHARE)
             for part, writer in writers.items():
                 await self._flush(writer, pending, pending_entries, part)
                 await _blocking(writer.finish)
@@ -354,7 +370,7 @@ def _probes(job: _Job) -> dict[int, tuple[int, int, str]]:
         if packed is not None:
             entry = Entry.unpack(packed)
             found.setdefault(entry.partition, (entry.offset, entry.timestamp, key))
-        if len(found) >= len(job.positions) or n % CHUNK_KEYS == CHUNK_KEYS - 1:
+        if len(found) >= len(job.positions) or n >= PROBE_SCAN_KEYS:
             break  # a partition with no key among the first ones goes without a probe
     return found
 

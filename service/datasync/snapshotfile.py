@@ -4,7 +4,7 @@ Layout (integers little-endian)::
 
     MAGIC (8 bytes) | header length (u32) | header (JSON) |
     blocks: entries n (u32), key text bytes (u32), value bytes (u32),
-            n key lengths in characters (u32), n value lengths (u32), keys (UTF-8), values |
+            n key lengths in characters (u32), n value lengths (u32), keys (UTF-8, NUL between), values |
     an empty block (n = 0) | entries (u64) | CRC-32 of every byte before it (u32)
 
 A block holds a few thousand entries, so the writer never builds more than that in memory and
@@ -41,6 +41,8 @@ _LENGTH = struct.Struct("<I")
 _BLOCK = struct.Struct("<III")
 _ENTRIES = struct.Struct("<Q")
 _LITTLE = sys.byteorder == "little"
+_SEPARATOR = "\0"
+_READ_SIZE = 1 << 20
 if array("I").itemsize != 4:  # pragma: no cover - every platform CPython supports today
     raise ImportError("snapshots need 4-byte unsigned ints in array('I')")
 
@@ -48,9 +50,10 @@ if array("I").itemsize != 4:  # pragma: no cover - every platform CPython suppor
 class SnapshotError(Exception):
     """A snapshot that cannot be used; ``reason`` is a short fixed word (a metric label)."""
 
-    def __init__(self, reason: str, detail: str) -> None:
+    def __init__(self, reason: str, detail: str, partial: bool = False) -> None:
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
+        self.partial = partial  # entries were added before the error was found
 
 
 @dataclass(frozen=True)
@@ -91,8 +94,12 @@ def _parse_lengths(raw: bytes) -> array[int]:
 
 
 def encode_block(keys: list[str], values: list[Packed]) -> list[bytes]:
-    """One block of entries, as pieces to write in order."""
-    text = "".join(keys).encode()
+    """One block of entries, as pieces to write in order.
+
+    Keys are joined with NUL, so that reading splits them in one call; their lengths are stored
+    too, for keys that contain a NUL themselves.
+    """
+    text = _SEPARATOR.join(keys).encode()
     body = b"".join(values)
     return [_BLOCK.pack(len(keys), len(text), len(body)), _lengths(keys), _lengths(values), text, body]
 
@@ -182,29 +189,27 @@ def _header(read: Callable[[int], bytes], seen: Callable[[bytes], None]) -> Head
         raise SnapshotError("format", f"bad header: {exc}") from exc
 
 
-def read_entries(path: Path) -> tuple[Header, dict[str, Packed]]:
-    """Every entry of a snapshot file, after checking lengths and checksum (blocking: use a thread).
+def read_entries(path: Path, into: dict[str, Packed] | None = None) -> tuple[Header, dict[str, Packed]]:
+    """Every entry of a snapshot file, added to ``into`` (or a new dict); blocking: use a thread.
 
-    Keys are interned, as the tables' keys are.
+    The checksum is verified over the whole file first, so a damaged file raises SnapshotError
+    before anything is added; an error after that (only a bug in the writer could cause one)
+    raises SnapshotError with ``partial`` set: ``into`` then holds some of the entries. Keys are
+    interned, as the tables' keys are.
     """
-    crc = 0
+    entries: dict[str, Packed] = {} if into is None else into
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
+        _verify_checksum(f, size)
+        f.seek(0)
+        header = _header(f.read, lambda _raw: None)
 
         def take(n: int) -> bytes:
-            nonlocal crc
             raw = f.read(n) if n <= size - f.tell() else b""  # never allocate what a bad length claims
             if len(raw) != n:
-                raise SnapshotError("truncated", f"file ends {n - len(raw)} bytes early")
-            crc = zlib.crc32(raw, crc)
+                raise SnapshotError("corrupt", f"a length points {n - len(raw)} bytes past the end", partial=True)
             return raw
 
-        def seen(raw: bytes) -> None:
-            nonlocal crc
-            crc = zlib.crc32(raw, crc)
-
-        header = _header(f.read, seen)
-        entries: dict[str, Packed] = {}
         total = 0
         try:
             while True:
@@ -215,23 +220,33 @@ def read_entries(path: Path) -> tuple[Header, dict[str, Packed]]:
                 value_lengths = _parse_lengths(take(4 * n))
                 text = take(text_bytes).decode()
                 body = take(value_bytes)
-                if sum(key_lengths) != len(text) or sum(value_lengths) != value_bytes:
-                    raise SnapshotError("corrupt", "block lengths do not add up")
-                keys = [text[a:b] for a, b in pairwise(accumulate(key_lengths, initial=0))]
+                if sum(key_lengths) + n - 1 != len(text) or sum(value_lengths) != value_bytes:
+                    raise SnapshotError("corrupt", "block lengths do not add up", partial=True)
+                keys = text.split(_SEPARATOR)
+                if len(keys) != n:  # some key holds a NUL: cut by lengths instead
+                    starts = accumulate((length + 1 for length in key_lengths), initial=0)
+                    keys = [text[a : a + length] for a, length in zip(starts, key_lengths, strict=False)]
                 values = [body[a:b] for a, b in pairwise(accumulate(value_lengths, initial=0))]
                 entries.update(zip(map(intern, keys), values, strict=True))
                 total += n
             (count,) = _ENTRIES.unpack(take(_ENTRIES.size))
         except UnicodeDecodeError as exc:
-            raise SnapshotError("corrupt", f"keys are not UTF-8: {exc}") from exc
-        expected = crc
-        stored = f.read(_LENGTH.size)
-        if len(stored) != _LENGTH.size:
-            raise SnapshotError("truncated", "no checksum")
-        if f.read(1):
-            raise SnapshotError("corrupt", "bytes after the checksum")
-    if _LENGTH.unpack(stored)[0] != expected:
-        raise SnapshotError("checksum", "CRC-32 mismatch")
-    if count != total or len(entries) != total:
-        raise SnapshotError("corrupt", f"{total} entries ({len(entries)} keys), header of the end says {count}")
+            raise SnapshotError("corrupt", f"keys are not UTF-8: {exc}", partial=True) from exc
+        if count != total or f.tell() != size - _LENGTH.size:
+            raise SnapshotError("corrupt", f"{total} entries, the end says {count}", partial=True)
     return header, entries
+
+
+def _verify_checksum(f: BinaryIO, size: int) -> None:
+    """CRC-32 of every byte but the last four, against those four."""
+    if size < len(MAGIC) + _LENGTH.size:
+        raise SnapshotError("truncated", f"{size} bytes")
+    crc, left = 0, size - _LENGTH.size
+    while left:
+        raw = f.read(min(left, _READ_SIZE))
+        if not raw:
+            raise SnapshotError("truncated", "the file shrank while it was read")
+        crc = zlib.crc32(raw, crc)
+        left -= len(raw)
+    if _LENGTH.unpack(f.read(_LENGTH.size))[0] != crc:
+        raise SnapshotError("checksum", "CRC-32 mismatch (torn or damaged)")
