@@ -27,11 +27,11 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from aiokafka import ConsumerRecord, TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 
 from datasync.admin import delete_retention_ms
@@ -56,9 +56,10 @@ log = logging.getLogger("datasync.snapshot")
 
 CHUNK_KEYS = 1024  # keys encoded per step on the event loop (a fraction of a millisecond)
 LOOP_SHARE = 0.5  # at most this share of the event loop's time goes to encoding a snapshot
+BLOCK_ENTRIES = 4096  # entries per block of a file: fewer blocks make loading faster
 FLUSH_BYTES = 4 << 20  # encoded bytes handed to the writing thread at once
 BROKER_TIMEOUT_S = 5.0
-PROBE_TIMEOUT_S = 5.0
+PROBE_TIMEOUT_S = 5.0  # longest wait for the probe records
 PROBE_SCAN_KEYS = 4096  # a partition with no key among the first ones gets no probe
 T = TypeVar("T")
 
@@ -134,79 +135,99 @@ class Snapshots:
         self._since = {tp: since for tp in reader.partitions}
         self._after_rebuild = self.settings.after_rebuild
         self._last_write = time.monotonic()
-        consumer = reader.consumer
-        starts: dict[TopicPartition, int] = await consumer.beginning_offsets(reader.partitions)
+        for topic in tables:
+            await asyncio.to_thread(self._discard_unfinished, topic)
+        headers, rejected = await self.check_partitions(reader.consumer, reader.partitions, ends)
+        for topic, table in tables.items():
+            owned = sorted((tp for tp in reader.partitions if tp.topic == topic), key=lambda tp: tp.partition)
+            for tp in owned:
+                if tp not in headers:
+                    continue
+                try:
+                    await self.load_partition(table, headers[tp])
+                except SnapshotError as exc:
+                    if not exc.partial:
+                        rejected[tp] = exc
+                        continue
+                    table.data.clear()  # it holds part of a snapshot: read the whole topic instead
+                    rejected.update((other, exc) for other in owned)
+                    break
+            loaded = [tp for tp in owned if tp not in rejected]
+            for tp in loaded:
+                reader.consumer.seek(tp, headers[tp].position)
+            self._report(topic, table, owned, headers, rejected)
+
+    async def check_partitions(
+        self, consumer: AIOKafkaConsumer, partitions: list[TopicPartition], ends: dict[TopicPartition, int]
+    ) -> tuple[dict[TopicPartition, Header], dict[TopicPartition, SnapshotError]]:
+        """The snapshots of ``partitions`` that may be loaded (their headers), and why the others
+        may not. Everything but the file's checksum is checked here: bindings, offsets against the
+        log (``ends``, and the log start offsets now), age against ``delete.retention.ms``, probe."""
+        starts: dict[TopicPartition, int] = await consumer.beginning_offsets(partitions)
+        topics = sorted({tp.topic for tp in partitions})
         try:
-            retention = await delete_retention_ms(self._kafka, list(tables))
+            retention = await delete_retention_ms(self._kafka, topics)
         except KafkaError as exc:
             log.warning("delete.retention.ms not readable (%r): snapshots cannot be checked", exc)
             retention = {}
-        counts = Counter(tp.topic for tp in reader.partitions)
-        for topic, table in tables.items():
-            await asyncio.to_thread(self._discard_unfinished, topic)
-            states: dict[str, Any] = {}
-            for tp in sorted((tp for tp in reader.partitions if tp.topic == topic), key=lambda tp: tp.partition):
-                expected = Header(topic, tp.partition, counts[topic], self._codecs[topic], 0, 0, 0)
-                try:
-                    header = await self.load_partition(
-                        reader, tp, table, expected, starts[tp], ends[tp], retention.get(topic)
-                    )
-                except SnapshotError as exc:
-                    await consumer.seek_to_beginning(tp)  # the probe may have moved it
-                    states[str(tp.partition)] = {"from": "full read", "reason": str(exc)}
-                    if exc.reason != "missing":
-                        self._metrics.snapshot_rejected.labels(topic, exc.reason).inc()
-                        log.warning("snapshot of %s/%d not used: %s: reading it from the beginning",
-                                    topic, tp.partition, exc)  # fmt: skip
-                    if exc.partial:  # the table holds part of it: read the whole topic instead
-                        table.data.clear()
-                        owned = [p for p in reader.partitions if p.topic == topic]
-                        await consumer.seek_to_beginning(*owned)
-                        states = {str(p.partition): states[str(tp.partition)] for p in owned}
-                        break
-                    continue
-                consumer.seek(tp, header.position)
-                states[str(tp.partition)] = {
-                    "from": "snapshot", "position": header.position, "written_ms": header.written_ms,
-                }  # fmt: skip
-            used = sum(1 for s in states.values() if s["from"] == "snapshot")
-            if used:
-                table.keys_changed()
-                log.info("table %s: %d of %d partitions loaded from snapshots (%d keys), reading on from there",
-                         topic, used, len(states), len(table))  # fmt: skip
-            source = "snapshot" if used == len(states) else "full read" if not used else "snapshot and full read"
-            self.loaded[topic] = {"from": source, "partitions": states}
-            self._metrics.snapshot_partitions_loaded.labels(topic).set(used)
+        counts = Counter(tp.topic for tp in partitions)
+        headers: dict[TopicPartition, Header] = {}
+        rejected: dict[TopicPartition, SnapshotError] = {}
+        for tp in partitions:
+            path = path_of(self.directory, tp.topic, tp.partition)
+            expected = Header(tp.topic, tp.partition, counts[tp.topic], self._codecs[tp.topic], 0, 0, 0)
+            try:
+                header = await asyncio.to_thread(_header_of, path)
+                check(header, expected, starts[tp], ends[tp], retention.get(tp.topic), time.time())
+                headers[tp] = header
+            except SnapshotError as exc:
+                rejected[tp] = exc
+        for tp, error in (await probe(self._kafka, headers)).items():
+            rejected[tp] = error
+            del headers[tp]
+        return headers, rejected
 
-    async def load_partition(
-        self,
-        reader: TableReader,
-        tp: TopicPartition,
-        table: StateTable,
-        expected: Header,
-        start: int,
-        end: int,
-        retention_ms: int | None,
-    ) -> Header:
-        """Load the snapshot of ``tp`` into ``table`` if it passes every check; the caller seeks
-        ``tp`` to the returned position. Raises SnapshotError otherwise, with the table untouched
-        unless the error says ``partial``."""
-        path = path_of(self.directory, expected.topic, expected.partition)
-        try:
-            header = await asyncio.to_thread(read_header, path)
-        except FileNotFoundError:
-            raise SnapshotError("missing", "no snapshot") from None
-        except OSError as exc:
-            raise SnapshotError("unreadable", str(exc)) from exc
-        check(header, expected, start, end, retention_ms, time.time())
-        await probe(reader, tp, header)
+    async def load_partition(self, table: StateTable, header: Header) -> None:
+        """Add the entries of the snapshot ``header`` came from to ``table``, after checking the
+        file's checksum. Raises SnapshotError with the table untouched unless it says ``partial``."""
+        path = path_of(self.directory, header.topic, header.partition)
         try:
             loaded, _ = await asyncio.to_thread(read_entries, path, table.data)
         except OSError as exc:
             raise SnapshotError("unreadable", str(exc)) from exc
         if loaded != header:
             raise SnapshotError("changed", "the file was replaced while it was read", partial=True)
-        return header
+
+    def _report(
+        self,
+        topic: str,
+        table: StateTable,
+        owned: list[TopicPartition],
+        headers: dict[TopicPartition, Header],
+        rejected: dict[TopicPartition, SnapshotError],
+    ) -> None:
+        """One log line per snapshot not used, one for the table; status and metrics."""
+        states: dict[str, Any] = {}
+        for tp in owned:
+            error = rejected.get(tp)
+            if error is None:
+                header = headers[tp]
+                states[str(tp.partition)] = {
+                    "from": "snapshot", "position": header.position, "written_ms": header.written_ms,
+                }  # fmt: skip
+                continue
+            states[str(tp.partition)] = {"from": "full read", "reason": str(error)}
+            if error.reason != "missing":
+                self._metrics.snapshot_rejected.labels(topic, error.reason).inc()
+                log.warning("snapshot of %s/%d not used: %s: reading it from the beginning", topic, tp.partition, error)
+        used = sum(1 for state in states.values() if state["from"] == "snapshot")
+        if used:
+            table.keys_changed()
+            log.info("table %s: %d of %d partitions loaded from snapshots (%d keys), reading on from there",
+                     topic, used, len(states), len(table))  # fmt: skip
+        source = "snapshot" if used == len(states) else "full read" if not used else "snapshot and full read"
+        self.loaded[topic] = {"from": source, "partitions": states}
+        self._metrics.snapshot_partitions_loaded.labels(topic).set(used)
 
     def _discard_unfinished(self, topic: str) -> None:
         """Remove temporary files a killed process left (a write that never finished)."""
@@ -314,51 +335,65 @@ class Snapshots:
             )
             for p, position in job.positions.items()
         }
-        pending: dict[int, list[bytes]] = {p: [] for p in writers}
-        pending_entries = dict.fromkeys(writers, 0)
+        parts = {p: _Partition(writer) for p, writer in writers.items()}
         try:
             for writer in writers.values():
                 await _blocking(writer.open)
             data, keys = job.table.data, job.keys
             for start in range(0, len(keys), CHUNK_KEYS):
                 began = time.perf_counter()
-                blocks: dict[int, tuple[list[str], list[Packed]]] = {}
                 for key in keys[start : start + CHUNK_KEYS]:
                     packed = data.get(key)
                     if packed is None:  # deleted since: the replay from the position deletes it too
                         continue
-                    part = packed[-2] | packed[-1] << 8  # the trailer's partition (little-endian u16)
-                    block = blocks.get(part)
-                    if block is None:
-                        block = blocks[part] = ([], [])
-                    block[0].append(key)
-                    block[1].append(packed)
-                for part, (block_keys, values) in blocks.items():
-                    if part not in writers:
-                        continue  # a partition this instance does not own
-                    pending[part].extend(encode_block(block_keys, values))
-                    pending_entries[part] += len(block_keys)
-                    if sum(map(len, pending[part])) >= FLUSH_BYTES:
-                        await self._flush(writers[part], pending, pending_entries, part)
+                    target = parts.get(packed[-2] | packed[-1] << 8)  # the trailer's partition (u16 LE)
+                    if target is not None:  # else a partition this instance does not own
+                        target.keys.append(key)
+                        target.values.append(packed)
+                for target in parts.values():
+                    if len(target.keys) >= BLOCK_ENTRIES:
+                        target.seal()
+                    if target.size >= FLUSH_BYTES:
+                        await target.flush()
                 # Let the engine run between chunks, for at least as long as the chunk took: a
                 # snapshot must not starve change delivery, however long it takes to write.
                 await asyncio.sleep((time.perf_counter() - began) * (1 - LOOP_SHARE) / LOOP_SHARE)
-            for part, writer in writers.items():
-                await self._flush(writer, pending, pending_entries, part)
-                await _blocking(writer.finish)
+            for target in parts.values():
+                target.seal()
+                await target.flush()
+                await _blocking(target.writer.finish)
         except BaseException:
             for writer in writers.values():
                 await _blocking(writer.discard)
             raise
         return sum(w.size for w in writers.values())
 
-    @staticmethod
-    async def _flush(
-        writer: SnapshotWriter, pending: dict[int, list[bytes]], entries: dict[int, int], part: int
-    ) -> None:
-        pieces, pending[part] = pending[part], []
-        count, entries[part] = entries[part], 0
-        await _blocking(writer.append, pieces, count)
+
+@dataclass
+class _Partition:
+    """One partition's file being written: entries staged for the next block, blocks for the thread."""
+
+    writer: SnapshotWriter
+    keys: list[str] = field(default_factory=list)
+    values: list[Packed] = field(default_factory=list)
+    pieces: list[bytes] = field(default_factory=list)
+    entries: int = 0  # in ``pieces``
+    size: int = 0  # bytes in ``pieces``
+
+    def seal(self) -> None:
+        """The staged entries become a block."""
+        if self.keys:
+            block = encode_block(self.keys, self.values)
+            self.pieces.extend(block)
+            self.size += sum(map(len, block))
+            self.entries += len(self.keys)
+            self.keys, self.values = [], []
+
+    async def flush(self) -> None:
+        """Hand the blocks to a thread, which checksums and writes them."""
+        pieces, entries = self.pieces, self.entries
+        self.pieces, self.entries, self.size = [], 0, 0
+        await _blocking(self.writer.append, pieces, entries)
 
 
 def _probes(job: _Job) -> dict[int, tuple[int, int, str]]:
@@ -375,26 +410,60 @@ def _probes(job: _Job) -> dict[int, tuple[int, int, str]]:
     return found
 
 
-async def probe(reader: TableReader, tp: TopicPartition, header: Header) -> None:
-    """Read the record at the snapshot's probe offset: if one is there and it is not the record
-    the snapshot holds, the topic was recreated (and refilled past the position). If compaction
-    removed it, nothing can be told (the next record has a higher offset)."""
-    if header.probe is None:
-        return
-    offset, timestamp, key = header.probe
-    consumer = reader.consumer
-    consumer.seek(tp, offset)
+async def probe(kafka: KafkaSettings, headers: dict[TopicPartition, Header]) -> dict[TopicPartition, SnapshotError]:
+    """Read each snapshot's probe record (one record it holds) from the log: where a record is at
+    that offset and it is another one, the topic was recreated (and refilled past the position).
+    Where compaction removed it (the next record has a higher offset), nothing can be told.
+
+    A consumer of its own (no waiting at the broker, every partition at once) keeps the probes
+    out of the reader's way and costs one round trip.
+    """
+    probes = {tp: header.probe for tp, header in headers.items() if header.probe is not None}
+    if not probes:
+        return {}
+    consumer = AIOKafkaConsumer(
+        **kafka.client_options(),
+        group_id=None,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        isolation_level="read_committed",
+        fetch_max_wait_ms=0,
+    )
+    found: dict[TopicPartition, ConsumerRecord[bytes, bytes]] = {}
+    await consumer.start()
     try:
+        consumer.assign(list(probes))
+        for tp, (offset, _, _) in probes.items():
+            consumer.seek(tp, offset)
+        pending = set(probes)
         async with asyncio.timeout(PROBE_TIMEOUT_S):
-            records: list[ConsumerRecord[bytes, bytes]] = []
-            while not records and await consumer.position(tp) < header.position:
-                records = (await consumer.getmany(tp, timeout_ms=500, max_records=1)).get(tp, [])
-    except TimeoutError:
-        return
-    if records and records[0].offset == offset:
-        record = records[0]
-        if record.key != key.encode() or record.timestamp != timestamp:
-            raise SnapshotError("recreated", f"the record at offset {offset} is not the one the snapshot holds")
+            while pending:
+                for tp, records in (await consumer.getmany(*pending, timeout_ms=100)).items():
+                    if records and tp in pending:
+                        found[tp] = records[0]
+                        pending.discard(tp)
+                for tp in list(pending):  # compacted up to the position: no record to compare
+                    if await consumer.position(tp) >= headers[tp].position:
+                        pending.discard(tp)
+    except (TimeoutError, KafkaError) as exc:
+        log.info("snapshot probes not all read (%r): those partitions are not checked for recreation", exc)
+    finally:
+        await consumer.stop()
+    errors = {}
+    for tp, record in found.items():
+        offset, timestamp, key = probes[tp]
+        if record.offset == offset and (record.key != key.encode() or record.timestamp != timestamp):
+            errors[tp] = SnapshotError("recreated", f"the record at offset {offset} is not the one the snapshot holds")
+    return errors
+
+
+def _header_of(path: Path) -> Header:
+    try:
+        return read_header(path)
+    except FileNotFoundError:
+        raise SnapshotError("missing", "no snapshot") from None
+    except OSError as exc:
+        raise SnapshotError("unreadable", str(exc)) from exc
 
 
 def check(header: Header, expected: Header, start: int, end: int, retention_ms: int | None, now: float) -> None:
