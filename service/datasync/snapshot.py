@@ -135,27 +135,31 @@ class Snapshots:
         self._since = {tp: since for tp in reader.partitions}
         self._after_rebuild = self.settings.after_rebuild
         self._last_write = time.monotonic()
-        for topic in tables:
-            await asyncio.to_thread(self._discard_unfinished, topic)
-        headers, rejected = await self.check_partitions(reader.consumer, reader.partitions, ends)
-        for topic, table in tables.items():
-            owned = sorted((tp for tp in reader.partitions if tp.topic == topic), key=lambda tp: tp.partition)
-            for tp in owned:
-                if tp not in headers:
-                    continue
-                try:
-                    await self.load_partition(table, headers[tp])
-                except SnapshotError as exc:
-                    if not exc.partial:
-                        rejected[tp] = exc
+        reader.consumer.pause(*reader.partitions)  # no fetching from offset 0 while snapshots load
+        try:
+            for topic in tables:
+                await asyncio.to_thread(self._discard_unfinished, topic)
+            headers, rejected = await self.check_partitions(reader.consumer, reader.partitions, ends)
+            for topic, table in tables.items():
+                owned = sorted((tp for tp in reader.partitions if tp.topic == topic), key=lambda tp: tp.partition)
+                for tp in owned:
+                    if tp not in headers:
                         continue
-                    table.data.clear()  # it holds part of a snapshot: read the whole topic instead
-                    rejected.update((other, exc) for other in owned)
-                    break
-            loaded = [tp for tp in owned if tp not in rejected]
-            for tp in loaded:
-                reader.consumer.seek(tp, headers[tp].position)
-            self._report(topic, table, owned, headers, rejected)
+                    try:
+                        await self.load_partition(table, headers[tp])
+                    except SnapshotError as exc:
+                        if not exc.partial:
+                            rejected[tp] = exc
+                            continue
+                        table.data.clear()  # it holds part of a snapshot: read the whole topic instead
+                        rejected.update((other, exc) for other in owned)
+                        break
+                loaded = [tp for tp in owned if tp not in rejected]
+                for tp in loaded:
+                    reader.consumer.seek(tp, headers[tp].position)
+                self._report(topic, table, owned, headers, rejected)
+        finally:
+            reader.consumer.resume(*reader.partitions)
 
     async def check_partitions(
         self, consumer: AIOKafkaConsumer, partitions: list[TopicPartition], ends: dict[TopicPartition, int]
@@ -259,7 +263,7 @@ class Snapshots:
     async def save(self, reader: TableReader, tables: dict[str, StateTable]) -> None:
         """Take the positions and key lists now (between two engine steps) and write in the background."""
         jobs = await self._freeze(reader, tables)
-        self._task = asyncio.create_task(self._write(jobs), name="datasync-snapshot")
+        self._task = asyncio.create_task(self._write(jobs, LOOP_SHARE), name="datasync-snapshot")
 
     async def close(self, reader: TableReader | None, tables: dict[str, StateTable], final: bool) -> None:
         """At shutdown: drop a write in progress, then (``final``) write the tables as they are."""
@@ -268,7 +272,7 @@ class Snapshots:
             jobs = await self._freeze(reader, tables)
             for job in jobs:  # sorted keys make the next load cheaper; nothing else runs now
                 job.keys = await asyncio.to_thread(sorted, job.keys)
-            await self._write(jobs)
+            await self._write(jobs, loop_share=1.0)  # the engine has stopped: no need to leave it time
 
     async def cancel(self) -> None:
         task, self._task = self._task, None
@@ -303,11 +307,11 @@ class Snapshots:
             ))  # fmt: skip
         return jobs
 
-    async def _write(self, jobs: list[_Job]) -> None:
+    async def _write(self, jobs: list[_Job], loop_share: float) -> None:
         for job in jobs:
             topic = job.table.topic
             try:
-                size = await self._write_topic(job)
+                size = await self._write_topic(job, loop_share)
             except OSError as exc:
                 self._metrics.snapshot_write_failures.labels(topic).inc()
                 log.warning("snapshot of %s not written: %s (going on without it)", topic, exc)
@@ -322,7 +326,7 @@ class Snapshots:
             self._metrics.snapshot_taken[topic] = job.taken
             log.info("snapshot of %s written: %d keys, %d bytes, in %.2fs", topic, len(job.keys), size, took)
 
-    async def _write_topic(self, job: _Job) -> int:
+    async def _write_topic(self, job: _Job, loop_share: float) -> int:
         """Encode the entries a chunk of keys at a time on the loop; a thread writes the bytes."""
         topic = job.table.topic
         taken_ms = int(job.taken * 1000)
@@ -357,7 +361,7 @@ class Snapshots:
                         await target.flush()
                 # Let the engine run between chunks, for at least as long as the chunk took: a
                 # snapshot must not starve change delivery, however long it takes to write.
-                await asyncio.sleep((time.perf_counter() - began) * (1 - LOOP_SHARE) / LOOP_SHARE)
+                await asyncio.sleep((time.perf_counter() - began) * (1 - loop_share) / loop_share)
             for target in parts.values():
                 target.seal()
                 await target.flush()
