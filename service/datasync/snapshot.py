@@ -8,6 +8,8 @@ beginning, with one log line saying why:
 - it was written for these bindings: topic, partition count, codec identity (spec, schema
   fingerprints, ``max_value_bytes``);
 - log start offset <= its position <= end offset (records deleted, a topic recreated shorter);
+- its probe (one record it holds) is not replaced by another record at the same offset (a topic
+  recreated and refilled past the position);
 - it is younger than the topic's ``delete.retention.ms``, counted from ``since``: the last
   time the partition was seen read to its end at or below the position. Every record after
   the position was appended after that, so a tombstone among them is still in the log.
@@ -55,7 +57,7 @@ from datasync.table import Entry, Packed, StateTable
 log = logging.getLogger("datasync.snapshot")
 
 CHUNK_KEYS = 1024  # keys encoded per step on the event loop (a fraction of a millisecond)
-LOOP_SHARE = 0.5  # at most this share of the event loop's time goes to encoding a snapshot
+LOOP_SHARE = 0.25  # at most this share of the event loop's time goes to encoding a snapshot
 BLOCK_ENTRIES = 4096  # entries per block of a file: fewer blocks make loading faster
 FLUSH_BYTES = 4 << 20  # encoded bytes handed to the writing thread at once
 BROKER_TIMEOUT_S = 5.0
