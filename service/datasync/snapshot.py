@@ -46,10 +46,10 @@ from datasync.snapshotfile import (
     TMP_SUFFIX,
     Header,
     SnapshotError,
+    SnapshotReader,
     SnapshotWriter,
     encode_block,
     path_of,
-    read_entries,
     read_header,
 )
 from datasync.table import Entry, Packed, StateTable
@@ -195,14 +195,26 @@ class Snapshots:
 
     async def load_partition(self, table: StateTable, header: Header) -> None:
         """Add the entries of the snapshot ``header`` came from to ``table``, after checking the
-        file's checksum. Raises SnapshotError with the table untouched unless it says ``partial``."""
+        file's checksum. Raises SnapshotError with the table untouched unless it says ``partial``.
+
+        The checksum pass runs in a thread; the entries are added on the loop a block at a time,
+        so that the table is built by the same thread as by a full read (and its memory is too).
+        """
         path = path_of(self.directory, header.topic, header.partition)
         try:
-            loaded, _ = await asyncio.to_thread(read_entries, path, table.data)
+            reader = await asyncio.to_thread(SnapshotReader, path)
         except OSError as exc:
             raise SnapshotError("unreadable", str(exc)) from exc
-        if loaded != header:
-            raise SnapshotError("changed", "the file was replaced while it was read", partial=True)
+        with reader:
+            try:
+                if await asyncio.to_thread(reader.verify) != header:
+                    raise SnapshotError("changed", "the file was replaced while it was read")
+                data = table.data
+                for pairs in reader.blocks():
+                    data.update(pairs)
+                    await asyncio.sleep(0)
+            except OSError as exc:
+                raise SnapshotError("unreadable", str(exc), partial=True) from exc
 
     def _report(
         self,

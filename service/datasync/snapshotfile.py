@@ -24,7 +24,7 @@ import struct
 import sys
 import zlib
 from array import array
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from itertools import accumulate, pairwise
 from pathlib import Path
@@ -189,37 +189,46 @@ def _header(read: Callable[[int], bytes], seen: Callable[[bytes], None]) -> Head
         raise SnapshotError("format", f"bad header: {exc}") from exc
 
 
-def read_entries(path: Path, into: dict[str, Packed] | None = None) -> tuple[Header, dict[str, Packed]]:
-    """Every entry of a snapshot file, added to ``into`` (or a new dict); blocking: use a thread.
+class SnapshotReader:
+    """Reads one file: ``verify`` checks the whole file's checksum and returns its header (blocking:
+    run it in a thread); then ``blocks`` yields the entries a block at a time, each step short
+    enough to run on the event loop. Keys are interned, as the tables' keys are.
 
-    The checksum is verified over the whole file first, so a damaged file raises SnapshotError
-    before anything is added; an error after that (only a bug in the writer could cause one)
-    raises SnapshotError with ``partial`` set: ``into`` then holds some of the entries. Keys are
-    interned, as the tables' keys are.
+    An error found by ``blocks`` (only a bug in the writer could cause one after the checksum
+    passed) raises SnapshotError with ``partial`` set: the entries yielded before were wrong too.
     """
-    entries: dict[str, Packed] = {} if into is None else into
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        _verify_checksum(f, size)
+
+    def __init__(self, path: Path) -> None:
+        self._file = open(path, "rb")  # closed by close()
+        self._size = os.fstat(self._file.fileno()).st_size
+
+    def __enter__(self) -> SnapshotReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._file.close()
+
+    def verify(self) -> Header:
+        f = self._file
+        _verify_checksum(f, self._size)
         f.seek(0)
-        header = _header(f.read, lambda _raw: None)
+        return _header(f.read, lambda _raw: None)
 
-        def take(n: int) -> bytes:
-            raw = f.read(n) if n <= size - f.tell() else b""  # never allocate what a bad length claims
-            if len(raw) != n:
-                raise SnapshotError("corrupt", f"a length points {n - len(raw)} bytes past the end", partial=True)
-            return raw
-
+    def blocks(self) -> Iterator[Iterable[tuple[str, Packed]]]:
+        """After ``verify``: the (key, state) pairs of each block."""
         total = 0
         try:
             while True:
-                n, text_bytes, value_bytes = _BLOCK.unpack(take(_BLOCK.size))
+                n, text_bytes, value_bytes = _BLOCK.unpack(self._take(_BLOCK.size))
                 if n == 0:
                     break
-                key_lengths = _parse_lengths(take(4 * n))
-                value_lengths = _parse_lengths(take(4 * n))
-                text = take(text_bytes).decode()
-                body = take(value_bytes)
+                key_lengths = _parse_lengths(self._take(4 * n))
+                value_lengths = _parse_lengths(self._take(4 * n))
+                text = self._take(text_bytes).decode()
+                body = self._take(value_bytes)
                 if sum(key_lengths) + n - 1 != len(text) or sum(value_lengths) != value_bytes:
                     raise SnapshotError("corrupt", "block lengths do not add up", partial=True)
                 keys = text.split(_SEPARATOR)
@@ -227,13 +236,29 @@ def read_entries(path: Path, into: dict[str, Packed] | None = None) -> tuple[Hea
                     starts = accumulate((length + 1 for length in key_lengths), initial=0)
                     keys = [text[a : a + length] for a, length in zip(starts, key_lengths, strict=False)]
                 values = [body[a:b] for a, b in pairwise(accumulate(value_lengths, initial=0))]
-                entries.update(zip(map(intern, keys), values, strict=True))
+                yield zip(map(intern, keys), values, strict=True)
                 total += n
-            (count,) = _ENTRIES.unpack(take(_ENTRIES.size))
+            (count,) = _ENTRIES.unpack(self._take(_ENTRIES.size))
         except UnicodeDecodeError as exc:
             raise SnapshotError("corrupt", f"keys are not UTF-8: {exc}", partial=True) from exc
-        if count != total or f.tell() != size - _LENGTH.size:
+        if count != total or self._file.tell() != self._size - _LENGTH.size:
             raise SnapshotError("corrupt", f"{total} entries, the end says {count}", partial=True)
+
+    def _take(self, n: int) -> bytes:
+        f = self._file
+        raw = f.read(n) if n <= self._size - f.tell() else b""  # never allocate what a bad length claims
+        if len(raw) != n:
+            raise SnapshotError("corrupt", f"a length points {n - len(raw)} bytes past the end", partial=True)
+        return raw
+
+
+def read_entries(path: Path) -> tuple[Header, dict[str, Packed]]:
+    """A whole file at once (for tools and tests); blocking."""
+    entries: dict[str, Packed] = {}
+    with SnapshotReader(path) as reader:
+        header = reader.verify()
+        for pairs in reader.blocks():
+            entries.update(pairs)
     return header, entries
 
 
