@@ -126,8 +126,10 @@ async def latency_while_writing(
         await engine.start()
         async with asyncio.timeout(TIMEOUT_S):
             await engine.wait_ready()
-        written_before = len(engine.metrics.snapshot_taken)
+        snapshots = engine._snapshots
+        writing_at_start = snapshots is not None and snapshots.writing
         lat = await latency(engine, bootstrap, live, plugin, rate, seconds)
+        writing_at_end = snapshots is not None and snapshots.writing
         last_write = writes._value.get()
     finally:
         await engine.stop()
@@ -141,7 +143,8 @@ async def latency_while_writing(
         "p99_ms": pct[98],
         "max_ms": max(lat),
         "last_snapshot_write_s": last_write if state is not None else None,
-        "snapshot_written_before": written_before,
+        "writing_at_start": writing_at_start,  # a snapshot write was running when the window began
+        "writing_at_end": writing_at_end,  # ...and when it ended (writes run back to back)
     }
 
 

@@ -263,6 +263,11 @@ class Snapshots:
 
     # -- saving ----------------------------------------------------------------
 
+    @property
+    def writing(self) -> bool:
+        """A snapshot is being written in the background."""
+        return self._task is not None and not self._task.done()
+
     def due(self, quiet: bool) -> bool:
         """Whether to save now; ``quiet``: the tables are complete and no plugin is resyncing."""
         if self._task is not None and self._task.done():
