@@ -16,7 +16,7 @@ beginning, with one log line saying why:
 
 Writing (after a rebuild once the plugins resynced, every ``interval_s``, at shutdown) never
 pauses the engine for long and never copies the table: the positions and the list of keys are
-taken between two engine steps, then the entries are encoded a few thousand at a time on the
+taken between two engine steps, then the entries are encoded about a thousand at a time on the
 loop and written by a thread. Values read later than the positions are newer than those
 positions say; that is harmless, because loading replays every record from the positions on
 and folding a record twice gives the same state (the table ends equal to a full read).
