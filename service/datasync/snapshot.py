@@ -39,6 +39,7 @@ from aiokafka.errors import KafkaError
 from datasync.admin import delete_retention_ms
 from datasync.bindings import TopicSpec
 from datasync.codecs import AvroCodec, Codec, JsonCodec
+from datasync.confluent import RegistryCodec
 from datasync.metrics import Metrics
 from datasync.reader import TableReader
 from datasync.settings import KafkaSettings, SnapshotSettings
@@ -80,13 +81,13 @@ async def _blocking(fn: Callable[..., T], *args: Any) -> T:
 def codec_identity(codec: Codec, max_value_bytes: int | None) -> str:
     """What decides which records a table accepts: a snapshot is only valid for the same."""
     parts = [codec.spec, f"max_value_bytes={max_value_bytes}"]
+    if isinstance(codec, AvroCodec | RegistryCodec) and codec.reader is not None:
+        parts.append(f"reader={codec.reader.fingerprint.hex()}")
     if isinstance(codec, AvroCodec):
-        if codec.reader is not None:
-            parts.append(f"reader={codec.reader.fingerprint.hex()}")
         parts.append("writers=" + ",".join(fp.hex() for fp in codec.writer_fingerprints))
     elif isinstance(codec, JsonCodec) and codec.schema is not None:
         parts.append(f"schema={codec.schema.fingerprint.hex()}")
-    return " ".join(parts)
+    return " ".join(parts)  # a registry's writer schemas never change under their ids
 
 
 @dataclass
