@@ -160,3 +160,21 @@ async def test_stop_makes_no_further_plugin_calls(make_engine, producer: AIOKafk
     async with asyncio.timeout(10):
         await stopping
     assert [c.key for c in stuck.changes] == ["a"]
+
+
+async def test_an_engine_runs_again_after_a_stop(make_engine, producer: AIOKafkaProducer, topic: str):
+    """What a start attempt that failed part-way does (it stops what it started), then a retry."""
+    engine = make_engine(topic, partitions=1)
+    plugin = Recorder("p")
+    engine.watch("p", plugin, {topic: [""]})
+    await engine.start()
+    async with asyncio.timeout(20):
+        await engine.wait_ready()
+    await engine.stop()
+    await engine.start()
+    async with asyncio.timeout(20):
+        await engine.wait_for(lambda: len(plugin.resyncs) == 2 and engine.status()["p"].state is PluginState.READY)
+    await put_all(producer, topic, [("a", "1")])
+    async with asyncio.timeout(10):
+        await engine.wait_for(lambda: plugin.view == {"a": "1"})
+    assert engine.running

@@ -272,6 +272,8 @@ class Declared(Plugin):
      "plugins[0].settings.tombstone", "Extra inputs are not permitted"),
     ("{class: 'datasync.changefeed:Changefeed', settings: {publisher: loop}}", "plugins[0].settings.publisher",
      "'loop' writes to src, which this feed watches"),
+    ("{class: 'datasync.changefeed:Changefeed', settings: {publisher: out}, resync: delta}", "plugins[0].resync",
+     "this plugin must never miss a change: it needs 'full'"),
 ])  # fmt: skip
 def test_check_and_run_refuse_bad_plugins(tmp_path: Path, plugin: str, field: str, message: str) -> None:
     project = make_project(tmp_path, f"""

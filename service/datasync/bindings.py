@@ -182,6 +182,8 @@ def load_bindings(topics_dir: Path, schemas_dir: Path, registry: RegistrySetting
                 factory = import_plugin(plugin.class_)
             except ValueError as exc:
                 raise ConfigError(source, f"{where}.class", str(exc)) from exc
+            if plugin.resync == "delta" and getattr(factory, "resync_after_failed_change", False):
+                raise ConfigError(source, f"{where}.resync", "this plugin must never miss a change: it needs 'full'")
             context = {
                 "publishers": {name: pub.topic for name, pub in publishers.items()},
                 "watches": {w.topic: w.prefixes for w in plugin.watch},

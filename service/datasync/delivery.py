@@ -167,6 +167,9 @@ class Deliveries:
     async def hold(self, drain_s: float) -> None:
         """Before a revocation completes: hand over what is queued for ready plugins (at most ``drain_s``),
         then deliver nothing more until ``resume()``; returns once no call is in flight."""
+        if self._held:  # held already (the engine loops while the rebalance runs): nothing drains now
+            await self.wait_idle()
+            return
         try:
             async with asyncio.timeout(drain_s):
                 await self._wait_for(self._drained)

@@ -203,6 +203,8 @@ class DataSync:
                 raise ValueError(f"plugin {name!r} watches unknown topic {topic!r}")
             if len(set(prefixes)) != len(prefixes):
                 raise ValueError(f"plugin {name!r} watches a prefix of {topic!r} twice")
+        if resync_mode == "delta" and getattr(plugin, "resync_after_failed_change", False):
+            raise ValueError(f"plugin {name!r} must never miss a change: it needs resync_mode 'full'")
         earlier = {r.name: r for r in self._registrations}
         for dependency in after:
             if dependency not in earlier:
@@ -310,6 +312,8 @@ class DataSync:
         """Create missing topics, connect, and start synchronising in the background."""
         if self._task is not None:
             raise RuntimeError("already started")
+        self._stopping = False  # a start attempt that failed part-way ran stop()
+        self._resync_reason = self._resync_reason or "start"
         dead = {name: spec.dead_letter for name, spec in self._topics.items() if spec.dead_letter}
         dead_specs = [TopicSpec(name=t, partitions=1, compacted=True) for t in sorted(set(dead.values()))]
         specs = [*self._declared.values(), *dead_specs]
@@ -518,6 +522,10 @@ class DataSync:
             await self._reassign(reader, fleet)
             if fleet.rebalancing:  # the next rebalance interrupted it
                 return False
+        if fleet.held is None:  # a full read was cut short: what is still queued may be of revoked partitions
+            for reg in self._registrations:  # the rebuild that follows resyncs every plugin
+                if self._deliveries.drop(reg):
+                    reg.diverged = True
         self._deliveries.resume()
         return True
 

@@ -177,8 +177,11 @@ class Fleet:
 
     @property
     def moved(self) -> bool:
-        """An assignment differs from what the tables hold (the engine calls ``reassign``)."""
-        return self.slots is not None and self.held is not None and self.slots != self.held
+        """An assignment differs from what the tables hold, or an interrupted handover is still to be
+        finished (the engine calls ``reassign``)."""
+        if self.slots is None or self.held is None:
+            return False
+        return self.slots != self.held or self._pending is not None
 
     def select(self) -> Callable[[str, int], bool]:
         """Which partitions a full rebuild reads now (the current assignment); the tables will hold them."""

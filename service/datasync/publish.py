@@ -23,7 +23,7 @@ from datasync.settings import KafkaSettings
 
 log = logging.getLogger("datasync.publish")
 
-MAX_IN_FLIGHT = 5000  # background (put_nowait) sends pending at most before plugin calls wait
+MAX_IN_FLIGHT = 5000  # background (put_nowait) sends pending per plugin at most before its calls wait
 
 
 class PublishError(Exception):
@@ -50,8 +50,10 @@ class Publishing:
         self._metrics = metrics
         self._producer: AIOKafkaProducer | None = None
         self._in_flight: set[asyncio.Task[None]] = set()
-        self._room = asyncio.Event()  # set while fewer than MAX_IN_FLIGHT background sends are pending
-        self._room.set()
+        # Background sends pending per task that spawned them (a plugin's delivery task), and the
+        # events its next call waits on while it has MAX_IN_FLIGHT of them.
+        self._pending: dict[asyncio.Task[Any] | None, int] = {}
+        self._full: dict[asyncio.Task[Any] | None, asyncio.Event] = {}
 
     async def start(self) -> None:
         producer = AIOKafkaProducer(**self._kafka.client_options(), acks="all", enable_idempotence=True, linger_ms=2)
@@ -98,20 +100,28 @@ class Publishing:
 
         task = asyncio.create_task(run())
         self._in_flight.add(task)
-        task.add_done_callback(self._sent)
-        if len(self._in_flight) >= MAX_IN_FLIGHT:
-            self._room.clear()
+        owner = asyncio.current_task()
+        task.add_done_callback(lambda t: self._sent(t, owner))
+        pending = self._pending[owner] = self._pending.get(owner, 0) + 1
+        if pending >= MAX_IN_FLIGHT:
+            self._full.setdefault(owner, asyncio.Event())
 
-    def _sent(self, task: asyncio.Task[None]) -> None:
+    def _sent(self, task: asyncio.Task[None], owner: asyncio.Task[Any] | None) -> None:
         self._in_flight.discard(task)
-        if len(self._in_flight) < MAX_IN_FLIGHT:
-            self._room.set()
+        pending = self._pending.pop(owner) - 1
+        if pending:
+            self._pending[owner] = pending
+        if pending < MAX_IN_FLIGHT and owner in self._full:
+            self._full.pop(owner).set()
 
     async def room(self) -> None:
-        """Wait while MAX_IN_FLIGHT background sends are pending: after each plugin call the engine
-        waits here, so a plugin publishing fire-and-forget slows its own delivery (and, once its queue
-        is full, fetching) instead of piling up sends that would time out in the producer."""
-        await self._room.wait()
+        """Wait while the current task has MAX_IN_FLIGHT background sends pending: after each call a
+        plugin's delivery task waits here, so a plugin publishing fire-and-forget faster than the
+        producer sends slows its own delivery (and, once its queue is full, fetching) instead of
+        piling up sends that would time out in the producer."""
+        full = self._full.get(asyncio.current_task())
+        if full is not None:
+            await full.wait()
 
 
 class Publisher:

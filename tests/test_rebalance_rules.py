@@ -1,0 +1,66 @@
+"""Rebalance rules that need no broker: an interrupted handover is finished, holding delivery is idempotent."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from datasync.api import Change, ChangeEvent
+from datasync.bindings import TopicSpec
+from datasync.calls import PluginCalls
+from datasync.delivery import Deliveries
+from datasync.fleet import Fleet, Handover
+from datasync.metrics import Metrics
+from datasync.registration import Registration
+from datasync.settings import GroupSettings, KafkaSettings, SyncSettings
+from datasync.status import PluginState
+
+from conftest import eventually
+
+
+def test_an_interrupted_handover_is_finished_even_if_the_next_assignment_is_what_the_tables_hold() -> None:
+    topics = {"a": TopicSpec(name="a", partitions=4, value="string", sharding="partitioned")}
+    fleet = Fleet(KafkaSettings(), GroupSettings(id="g"), topics, Metrics(), lambda: None)
+    # {0,1,2,3} -> {0,1,2,4} was interrupted while reading 4: 3 dropped, 4 not read, the handover pending
+    fleet.held = frozenset({0, 1, 2})
+    fleet._pending = Handover(moved={"a"}, released={"a": []})
+    fleet.slots = frozenset({0, 1, 2})  # the next assignment
+    assert fleet.moved  # the plugins still have to be resynced without partition 3
+    fleet._pending = None
+    assert not fleet.moved
+
+
+class Slow:
+    async def change(self, event: ChangeEvent) -> None:
+        await asyncio.sleep(0.3)
+
+
+async def test_holding_delivery_again_does_not_wait_for_a_drain_again() -> None:
+    async def step() -> None:
+        pass
+
+    async def close(reg: Registration) -> None:
+        pass
+
+    deliveries = Deliveries(PluginCalls(SyncSettings(), Metrics()), 100, 1, step, lambda reg: None)
+    reg = Registration("p", Slow(), {"t": ("",)}, {}, "full", None, close)  # type: ignore[arg-type]
+    reg.status.state = PluginState.READY
+    deliveries.add(reg)
+    change = Change("t", "put", "k", 1, None, 0, 0, 0, None)  # type: ignore[arg-type]
+    for seq in (1, 2, 3):
+        await deliveries.put(seq, {reg: [change]})
+    await asyncio.sleep(0)
+    await deliveries.hold(0.5)  # the queue cannot drain in time: the rest waits
+    started = time.monotonic()
+    for _ in range(3):  # the engine loops while the assignment has not come
+        await deliveries.hold(0.5)
+    assert time.monotonic() - started < 0.5 and deliveries.queued(reg) >= 1
+    deliveries.resume()
+
+    async def drained() -> bool:
+        return deliveries.queued(reg) == 0
+
+    async with asyncio.timeout(5):
+        await eventually(drained, 0.05)
+    deliveries.halt()
+    await deliveries.stop()
