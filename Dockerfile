@@ -12,8 +12,10 @@ print('C extensions:', a.__file__, f.__file__, w.__file__)"
 
 FROM python:3.11-slim
 COPY --from=build /install /usr/local
+# /var/lib/datasync: the state directory (DATASYNC_STATE_DIR in docker-compose.yml); a named
+# volume mounted there starts out owned by datasync.
 RUN useradd --create-home --uid 10001 datasync \
- && mkdir -p /var/lib/datasync && chown datasync /var/lib/datasync
+ && install -d -o datasync -g datasync /var/lib/datasync
 WORKDIR /app
 COPY --chown=datasync topics ./topics
 COPY --chown=datasync schemas ./schemas
@@ -26,7 +28,8 @@ ENV DATASYNC_HTTP__HOST=0.0.0.0 \
 # Table snapshots: a restart reads only what changed since (mount a volume to keep them).
 VOLUME /var/lib/datasync
 EXPOSE 8080
+# The port the service listens on, so a changed DATASYNC_HTTP__PORT is followed.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=3 \
-  CMD python -c "import urllib.request,sys; urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=4)" || exit 1
+  CMD python -c "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('DATASYNC_HTTP__PORT', '8080'), timeout=4)" || exit 1
 ENTRYPOINT ["datasync"]
 CMD ["run"]

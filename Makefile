@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 LINT_DIRS := service tests tools examples $(wildcard bench)
 
-.PHONY: setup run test lint bench soak clean
+.PHONY: setup run test lint bench soak container-test clean
 
 $(STAMP): pyproject.toml setup.py service/datasync/_avrowalk.c  # the C walk is built by the install
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,9 @@ soak: setup  ## 1M keys, 200k live changes, a second resync; checks the view and
 
 bench: setup  ## resync and live throughput against the raw-client limit (see README)
 	$(BIN)/python bench/run.py
+
+container-test: setup  ## build the image, run docker-compose.yml's stack and check it (installs and starts Docker)
+	$(BIN)/python tools/container.py test
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
