@@ -149,7 +149,7 @@ def test_healthcheck_follows_the_configured_port(stack: Stack) -> None:
     try:
         wait_for("a datasync on port 8099 healthy", lambda: stack.health(name) == "healthy", 90)
     finally:
-        docker("rm", "--force", name)
+        docker("rm", "--force", "--volumes", name)
 
 
 def test_topics_service_exits_0(stack: Stack) -> None:

@@ -90,7 +90,8 @@ def engine(workdir: Path, timeout: float = 60.0) -> Iterator[None]:
         yield
         return
     had_bridge = Path("/sys/class/net/docker0").exists()
-    log_path = workdir / "dockerd.log"
+    CACHE.mkdir(parents=True, exist_ok=True)
+    log_path = CACHE / "dockerd.log"  # kept after the run, for when the engine did not start
     with open(log_path, "wb") as out:
         # --ip: a port published without an address binds to loopback, never to every interface.
         proc = subprocess.Popen(
@@ -104,7 +105,7 @@ def engine(workdir: Path, timeout: float = 60.0) -> Iterator[None]:
         while not engine_answers():
             if proc.poll() is not None or time.monotonic() > deadline:
                 lines = log_path.read_text(errors="replace").strip().splitlines() or ["no output"]
-                raise EngineError(f"dockerd did not start ({log_path}): {lines[-1]}")
+                raise EngineError(f"the Docker engine did not start (log {log_path}): {lines[-1]}")
             time.sleep(0.5)
         log(f"started dockerd (pid {proc.pid}, log {log_path})")
         yield
@@ -205,7 +206,9 @@ def kafka_jars() -> Path:
     shutil.rmtree(libs, ignore_errors=True)
     pom = HERE / "kafka" / "pom.xml"
     copy = ["dependency:copy-dependencies", "-DincludeScope=runtime", f"-DoutputDirectory={libs}"]
-    subprocess.run(["mvn", "-q", "-B", "-f", str(pom), f"-Dkafka.version={version}", *copy], check=True)
+    subprocess.run(
+        ["mvn", "-q", "-B", "-Dstyle.color=never", "-f", str(pom), f"-Dkafka.version={version}", *copy], check=True
+    )
     (libs / ".complete").touch()
     return libs
 
