@@ -117,7 +117,7 @@ def engine(workdir: Path, timeout: float = 60.0) -> Iterator[None]:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        if not had_bridge:
+        if not had_bridge and shutil.which("ip"):
             subprocess.run(["ip", "link", "delete", "docker0"], check=False, stderr=subprocess.DEVNULL)
         log("stopped dockerd")
 
@@ -184,6 +184,8 @@ def build_base() -> str:
             (rootfs / "var/lib/apt/lists/partial").mkdir(parents=True)
             partial = tarball.with_suffix(".partial")
             subprocess.run(["tar", "-C", rootfs, "--numeric-owner", "-cf", partial, "."], check=True)
+            for old in CACHE.glob("base-*.tar"):  # of an older recipe
+                old.unlink()
             partial.rename(tarball)
     log(f"importing {BASE_TAG}")
     changes = [f"LABEL {LABEL}={key}", "ENV LANG=C.UTF-8", 'CMD ["python3"]']
