@@ -246,7 +246,10 @@ def test(pytest_args: list[str]) -> int:
             build_images()
             log(f"images ready in {time.monotonic() - started:.0f} s")
             tests = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", str(ROOT / "tests/container_stack.py")]
-            return subprocess.run([*tests, *pytest_args], cwd=ROOT).returncode
+            code = subprocess.run([*tests, *pytest_args], cwd=ROOT).returncode
+            # Images that newer builds replaced; ours all carry the label (datasync:local from the base).
+            docker("image", "prune", "--force", "--filter", f"label={LABEL}")
+            return code
     except EngineError as e:
         print(f"container-test: {e}", file=sys.stderr)
     except (subprocess.CalledProcessError, OSError) as e:
