@@ -40,7 +40,8 @@ CACHE = Path(os.environ.get("DATASYNC_KAFKA_CACHE", Path.home() / ".cache" / "da
 DOCKER = "/usr/bin/docker"  # Debian's client, whatever else is first on the PATH
 LABEL = "org.datasync.recipe"
 BASE_TAG = "python:3.11-slim"
-BASE_PACKAGES = ["python3", "python3-venv", "python3-pip", "ca-certificates"]
+# python3-dev: the official python image ships its C headers, which building our C walk needs.
+BASE_PACKAGES = ["python3", "python3-venv", "python3-pip", "python3-dev", "ca-certificates"]
 APT_PACKAGES = ["docker.io", "docker-compose", "debootstrap", "maven", "openjdk-17-jre-headless"]
 EXTRA_CA_DIR = Path("/usr/local/share/ca-certificates")
 
