@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -292,7 +293,7 @@ def test_compose_file_matches_the_settings() -> None:
     assert compose["services"]["topics"]["command"] == ["topics", "create"]
     assert compose["services"]["kafka"]["image"].startswith("apache/kafka:4")
     dockerfile = (ROOT / "Dockerfile").read_text()
-    for env_name in (line.split("=")[0].split()[-1] for line in dockerfile.splitlines() if "DATASYNC_" in line):
+    for env_name in re.findall(r"DATASYNC_[A-Z_]+", dockerfile):
         assert env_name in known, env_name
     prometheus = yaml.safe_load((ROOT / "deploy" / "prometheus.yml").read_text())
     assert prometheus["scrape_configs"][0]["static_configs"][0]["targets"] == ["datasync:8080"]
@@ -310,8 +311,6 @@ async def count_records(bootstrap: str, topic: str) -> int:
 
 def test_grafana_dashboard_uses_our_metrics() -> None:
     """Every metric the dashboard queries exists (names as the Prometheus client exposes them)."""
-    import re
-
     from datasync.metrics import Metrics
 
     families = {family.name: family.type for family in Metrics().registry.collect()}
