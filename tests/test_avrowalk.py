@@ -115,6 +115,7 @@ def body(schema: Any, payload: bytes) -> tuple[Program, bytes]:
 
 
 ENUM = {"type": "enum", "name": "E", "symbols": ["A", "B"]}
+INT64_MIN = b"\xff" * 9 + b"\x01"  # the varint of -2**63, a block count whose magnitude is no int64
 POISON = [
     ("string", b"\x08abc", "truncated at byte 10"),
     ("string", b"\x03abc", "negative length -2 at byte 10"),
@@ -132,7 +133,21 @@ POISON = [
     (["null", "int"], b"\x01", "union index -1 not in 0..1 at byte 10"),
     ({"type": "array", "items": "int"}, b"\x04\x02\x80", "truncated at byte 12"),
     ({"type": "array", "items": "int"}, b"\x03\x06\x02\x04\x00", "block size 3 does not match its items at byte 10"),
-    ({"type": "array", "items": "null"}, b"\xfe\xff\xff\xff\x0f\x00", "block count 2147483647 exceeds the bytes left"),
+    ({"type": "array", "items": "int"}, b"\x06\x02\x04", "block count 3 exceeds the bytes left at byte 10"),
+    ({"type": "array", "items": "double"}, b"\x04" + bytes(15), "block count 2 exceeds the bytes left at byte 10"),
+    (
+        {"type": "array", "items": "null"},
+        b"\xfe\xff\xff\xff\x0f\x00",
+        "block count 2147483647 exceeds 1000000 zero-size",
+    ),
+    ({"type": "array", "items": "null"}, INT64_MIN + b"\x00\x00", "block count 9223372036854775808 exceeds 1000000"),
+    ({"type": "array", "items": "int"}, INT64_MIN + b"\x00\x00", "block count 9223372036854775808 exceeds the bytes"),
+    ({"type": "map", "values": "null"}, INT64_MIN + b"\x00\x00", "block count 9223372036854775808 exceeds the bytes"),
+    (
+        {"type": "array", "items": "null"},
+        b"\xfe" + b"\xff" * 8 + b"\x01\x00",
+        "block count 9223372036854775807 exceeds",
+    ),
     ({"type": "map", "values": "int"}, b"\x02\x02\xff\x02\x00", "invalid UTF-8 at byte 11"),
     ("int", b"\x02\x00", "1 trailing bytes after T body"),
 ]
@@ -216,3 +231,81 @@ def test_rebuilt_tables_share_keys_with_the_previous_build() -> None:
     ingest.fold_all(second, [record(b"config/k1", b"w", 1)])
     [rebuilt] = second.data
     assert rebuilt == kept and rebuilt is kept
+
+
+def varint(n: int) -> bytes:
+    """``n`` as Avro writes an int or long (zigzag, 7 bits a byte)."""
+    z, out = (n << 1) ^ (n >> 63), bytearray()
+    while z > 0x7F:
+        out.append(z & 0x7F | 0x80)
+        z >>= 7
+    return bytes([*out, z])
+
+
+def fastavro_reads(schema: Any, raw: bytes) -> tuple[bool, Any]:
+    """Whether fastavro reads ``raw``'s body to its last byte, and the value it reads."""
+    stream = BytesIO(raw[10:])
+    try:
+        value = schemaless_reader(stream, schema, None)
+    except Exception:  # EOFError and whatever else a short body makes fastavro raise
+        return False, None
+    return stream.tell() == len(raw) - 10, value
+
+
+EMPTY = {"type": "record", "name": "Empty", "fields": []}
+ZERO_SIZE = [  # item types whose values take no bytes, and their value
+    ("null", None),
+    (EMPTY, {}),
+    ({"type": "fixed", "name": "F0", "size": 0}, b""),
+    (
+        {"type": "record", "name": "N", "fields": [{"name": "e", "type": EMPTY}, {"name": "z", "type": "null"}]},
+        {"e": {}, "z": None},
+    ),
+]
+BLOCKS = [[], [5], [-5], [-3, 2, -1], [1] * 4]  # item counts of the blocks; negative: with the block's byte size
+
+
+@pytest.mark.parametrize("kind", ["array", "map"])
+@pytest.mark.parametrize("item, item_value", ZERO_SIZE, ids=["null", "empty", "fixed0", "nested"])
+def test_zero_size_items_are_accepted_exactly_when_fastavro_reads_them(kind: str, item: Any, item_value: Any) -> None:
+    collection = {"type": "array", "items": item} if kind == "array" else {"type": "map", "values": item}
+    schema = parse_schema(
+        {"type": "record", "name": "R", "fields": [{"name": "xs", "type": collection}, {"name": "n", "type": "int"}]}
+    )
+    program = compile_program(schema, "R")
+    for blocks in BLOCKS:
+        payload, keys = b"", iter(range(100))
+        for count in blocks:
+            items = b"".join(varint(2) + f"k{next(keys)}".encode() for _ in range(abs(count))) if kind == "map" else b""
+            payload += varint(count) + (varint(len(items)) if count < 0 else b"") + items
+        n = sum(map(abs, blocks))
+        value = {"xs": [item_value] * n if kind == "array" else {f"k{i}": item_value for i in range(n)}, "n": 7}
+        raw = b"\xc3\x01" + bytes(8) + payload + varint(0) + varint(7)
+        assert fastavro_reads(schema, raw) == (True, value)
+        for body in [raw[:n] for n in range(len(raw))] + [raw + b"\x00"]:
+            accepted, read = fastavro_reads(schema, body)
+            for check in CHECKS:
+                assert outcome(check, program, body)[0] == ("ok" if accepted else "invalid"), (check, body.hex())
+            for decode in (avrowalk.decode_py, *([compiled.decode] if compiled else [])):
+                if accepted:
+                    assert decode(program, body) == read
+        folds = [avrowalk.fold_py, *([compiled.fold] if compiled else [])]
+        for fold in folds:  # a valid record is folded, not refused
+            data: dict[str, bytes] = {}
+            assert fold([record(b"k", raw, 0)], 0, data, {bytes(8): program}, BytesCodec().decode, -1, False) is None
+            assert list(data) == ["k"]
+
+
+def test_zero_size_items_are_capped_in_the_whole_body() -> None:
+    cap = avrowalk.MAX_EMPTY_ITEMS
+    nulls = {"type": "array", "items": "null"}
+    schema = {"type": "record", "name": "R", "fields": [{"name": "xs", "type": nulls}, {"name": "ys", "type": nulls}]}
+    xs = varint(-(cap // 2)) + varint(0) + varint(cap - cap // 2 - 1) + varint(0)
+    program, at_cap = body(schema, xs + varint(1) + varint(0))
+    checks = [avrowalk.check_py, *([compiled.check] if compiled else [])]
+    for check in checks:  # the walk does not build them, nor loop over them
+        check(program, at_cap)
+    program, over = body(schema, xs + varint(2) + varint(0))
+    for check in CHECKS:
+        with pytest.raises(ValueError, match=f"block count 2 exceeds {cap} zero-size items at byte {10 + len(xs)}"):
+            check(program, over)

@@ -9,6 +9,7 @@
 enum { OP_NULL, OP_BOOLEAN, OP_INT, OP_LONG, OP_FLOAT, OP_DOUBLE, OP_BYTES, OP_STRING,
        OP_FIXED, OP_ENUM, OP_RECORD, OP_ARRAY, OP_MAP, OP_UNION };
 #define MAX_DEPTH 200
+#define MAX_EMPTY_ITEMS 1000000 /* avrowalk.MAX_EMPTY_ITEMS */
 #define HEADER_SIZE 10
 #define TRAILER_SIZE 18 /* table.py: "<qqH" offset, timestamp, partition */
 
@@ -20,6 +21,7 @@ typedef struct {
     Py_ssize_t len;
     char msg[128];             /* why the body is invalid */
     Py_ssize_t trailing;       /* bytes after a valid body */
+    uint64_t empty_left;       /* zero-size array items still allowed in this body */
     int pyerr;                 /* a Python exception is set (MemoryError...) */
 } Walk;
 
@@ -188,6 +190,8 @@ static int walk(Walk *w, Py_ssize_t at, Py_ssize_t *pos, int depth, PyObject **o
     case OP_ARRAY:
     case OP_MAP: {
         int is_map = OP(at) == OP_MAP;
+        int32_t item_size = OP(at + 2);
+        if (item_size < 0) return bad_op(w, at);
         PyObject *coll = NULL;
         if (out) {
             coll = is_map ? PyDict_New() : PyList_New(0);
@@ -195,19 +199,24 @@ static int walk(Walk *w, Py_ssize_t at, Py_ssize_t *pos, int depth, PyObject **o
         }
         for (;;) {
             Py_ssize_t block = *pos, size = -1;
-            int64_t count;
-            if (varint(w, pos, &count) < 0) goto fail;
-            if (count == 0) break;
-            if (count < 0) {
-                count = -count;
-                if (length(w, pos, &size) < 0) goto fail;
-            }
-            if ((uint64_t)count > (uint64_t)(w->len - *pos)) {
-                invalid(w, "block count %lld exceeds the bytes left at byte %zd", (long long)count, block);
+            if (varint(w, pos, &n) < 0) goto fail;
+            if (n == 0) break;
+            uint64_t count = n < 0 ? 0 - (uint64_t)n : (uint64_t)n; /* no overflow for INT64_MIN */
+            if (n < 0 && length(w, pos, &size) < 0) goto fail;
+            if (item_size == 0) { /* not bounded by the bytes left, so by MAX_EMPTY_ITEMS in the whole body */
+                if (count > w->empty_left) {
+                    invalid(w, "block count %llu exceeds %d zero-size items at byte %zd", (unsigned long long)count,
+                            MAX_EMPTY_ITEMS, block);
+                    goto fail;
+                }
+                w->empty_left -= count;
+            } else if (count > (uint64_t)(w->len - *pos) / (uint64_t)item_size) {
+                invalid(w, "block count %llu exceeds the bytes left at byte %zd", (unsigned long long)count, block);
                 goto fail;
             }
             Py_ssize_t items = *pos;
-            for (int64_t i = 0; i < count; i++) {
+            for (uint64_t i = 0; i < count; i++) {
+                Py_ssize_t item = *pos;
                 PyObject *key = NULL, *value = NULL;
                 if (is_map) {
                     Py_ssize_t kstart = *pos, klen;
@@ -225,6 +234,7 @@ static int walk(Walk *w, Py_ssize_t at, Py_ssize_t *pos, int depth, PyObject **o
                     Py_DECREF(value);
                     if (rc < 0) { w->pyerr = 1; goto fail; }
                 }
+                if (!out && *pos == item) break; /* the rest would walk the same (no) bytes the same way */
             }
             if (size >= 0 && *pos - items != size) {
                 invalid(w, "block size %zd does not match its items at byte %zd", size, block);
@@ -258,6 +268,7 @@ static int run(Walk *w, PyObject *program, PyObject *raw, PyObject **out) {
     w->len = PyBytes_GET_SIZE(raw);
     w->msg[0] = 0;
     w->pyerr = 0;
+    w->empty_left = MAX_EMPTY_ITEMS;
     if (out && !PyTuple_Check(w->consts)) {
         PyErr_SetString(PyExc_TypeError, "Program.consts must be a tuple");
         w->pyerr = 1;

@@ -16,6 +16,7 @@ types are not compiled: their values are decoded by fastavro, as before.
 
 from __future__ import annotations
 
+import math
 from array import array
 from collections.abc import Callable
 from io import BytesIO
@@ -29,6 +30,9 @@ from datasync.table import pack
 MAGIC = b"\xc3\x01"
 HEADER_SIZE = 10
 MAX_DEPTH = 200  # nested records/arrays/maps/unions; deeper bodies are rejected (within Python's recursion limit)
+# Array items that take no bytes (null, a record of no fields, a fixed of size 0) in one body: their
+# count is not bounded by the body's length, so a few crafted bytes could otherwise ask for 2**63.
+MAX_EMPTY_ITEMS = 1_000_000
 
 NULL, BOOLEAN, INT, LONG, FLOAT, DOUBLE, BYTES, STRING, FIXED, ENUM, RECORD, ARRAY, MAP, UNION = range(14)
 _PRIMITIVES = {
@@ -62,18 +66,22 @@ def compile_program(parsed: Any, name: str) -> Program:
 
     Layout, one node per type at its offset: ``NULL``..``STRING`` alone;
     ``FIXED size``; ``ENUM count consts_index``; ``RECORD count consts_index
-    field...``; ``ARRAY item``; ``MAP value``; ``UNION count branch...``
-    (children as offsets; a named type is laid out once, so recursion is a
-    back reference).
+    field...``; ``ARRAY item item_size``; ``MAP value item_size``; ``UNION
+    count branch...`` (children as offsets; a named type is laid out once, so
+    recursion is a back reference). ``item_size`` is the fewest bytes one item
+    (with a map's key) can take: a block's count is bounded by the bytes left
+    when it is at least 1, by ``MAX_EMPTY_ITEMS`` when it is 0.
     """
     named: dict[str, Any] = parsed.get("__named_schemas", {}) if isinstance(parsed, dict) else {}
     ops: list[int] = []
     consts: list[tuple[str, ...]] = []
     placed: dict[str, int] = {}
+    nodes: list[int] = []  # every node's offset
 
     def node(schema: Any) -> int:
         if isinstance(schema, str):
             if schema in _PRIMITIVES:
+                nodes.append(len(ops))
                 ops.append(_PRIMITIVES[schema])
                 return len(ops) - 1
             if schema in placed:
@@ -81,8 +89,9 @@ def compile_program(parsed: Any, name: str) -> Program:
             if schema not in named:
                 raise NotCompiled(f"unresolved type {schema}")
             return node(named[schema])
+        at = len(ops)
         if isinstance(schema, list):
-            at = len(ops)
+            nodes.append(at)
             ops.extend([UNION, len(schema), *[0] * len(schema)])
             for i, branch in enumerate(schema):
                 ops[at + 2 + i] = node(branch)
@@ -90,7 +99,6 @@ def compile_program(parsed: Any, name: str) -> Program:
         if "logicalType" in schema:
             raise NotCompiled(f"logical type {schema['logicalType']}")
         kind = schema["type"]
-        at = len(ops)
         if kind in ("record", "error"):
             fields = schema["fields"]
             placed[schema["name"]] = at
@@ -106,14 +114,48 @@ def compile_program(parsed: Any, name: str) -> Program:
             placed[schema["name"]] = at
             ops.extend([FIXED, schema["size"]])
         elif kind in ("array", "map"):
-            ops.extend([ARRAY if kind == "array" else MAP, 0])
+            ops.extend([ARRAY if kind == "array" else MAP, 0, 0])
             ops[at + 1] = node(schema["items"] if kind == "array" else schema["values"])
         else:
             return node(kind)  # {"type": "int"} and the like
+        nodes.append(at)
         return at
 
     node(parsed)
+    sizes = _min_sizes(ops, nodes)
+    for at in nodes:
+        if ops[at] in (ARRAY, MAP):
+            ops[at + 2] = int(min(sizes[ops[at + 1]] + (ops[at] == MAP), _INT32_MAX))
     return Program(array("i", ops).tobytes(), name, tuple(consts), tuple(ops), parsed)
+
+
+_SIZES = {NULL: 0, BOOLEAN: 1, INT: 1, LONG: 1, FLOAT: 4, DOUBLE: 8, BYTES: 1, STRING: 1, ENUM: 1, ARRAY: 1, MAP: 1}
+_INT32_MAX = 2**31 - 1
+
+
+def _min_sizes(ops: list[int], nodes: list[int]) -> dict[int, float]:
+    """The fewest bytes a value of each node takes (inf: a type with no finite value, like a record
+    holding itself). Recursive types make this a fixpoint: start from inf and lower until nothing
+    changes (at most one round per node, as a smallest value never repeats a node on a path)."""
+    sizes = dict.fromkeys(nodes, math.inf)
+
+    def least(at: int) -> float:
+        op = ops[at]
+        if op == FIXED:
+            return max(ops[at + 1], 0)  # a negative size is the walk's to reject
+        if op == RECORD:
+            return sum(sizes[f] for f in ops[at + 3 : at + 3 + ops[at + 1]])
+        if op == UNION:
+            return 1 + min((sizes[b] for b in ops[at + 2 : at + 2 + ops[at + 1]]), default=math.inf)
+        return _SIZES[op]  # an array or map: at least the count 0 that ends its blocks
+
+    changed = True
+    while changed:
+        changed = False
+        for at in reversed(nodes):  # children are laid out after their parents: one round if no recursion
+            if (n := least(at)) < sizes[at]:
+                sizes[at], changed = n, True
+    return sizes
 
 
 # -- the pure-Python walk (the compiled one in _avrowalk.c mirrors it, message for message) ---------
@@ -148,7 +190,8 @@ def _length(buf: bytes, pos: int) -> tuple[int, int]:
     return n, pos
 
 
-def _walk(ops: tuple[int, ...], at: int, buf: bytes, pos: int, depth: int) -> int:
+def _walk(ops: tuple[int, ...], at: int, buf: bytes, pos: int, depth: int, empty: list[int]) -> int:
+    """The end of the value of node ``at`` at ``pos``; ``empty[0]``: the zero-size items still allowed."""
     op = ops[at]
     start = pos
     if op == NULL:
@@ -183,12 +226,13 @@ def _walk(ops: tuple[int, ...], at: int, buf: bytes, pos: int, depth: int) -> in
         if not 0 <= i < count:
             what = "enum" if op == ENUM else "union"
             raise Invalid(f"{what} index {i} not in 0..{count - 1} at byte {start}")
-        return pos if op == ENUM else _nested(ops, ops[at + 2 + i], buf, pos, depth)
+        return pos if op == ENUM else _nested(ops, ops[at + 2 + i], buf, pos, depth, empty)
     if op == RECORD:
         for i in range(ops[at + 1]):
-            pos = _nested(ops, ops[at + 3 + i], buf, pos, depth)
+            pos = _nested(ops, ops[at + 3 + i], buf, pos, depth, empty)
         return pos
     # ARRAY or MAP: blocks of items, a count of 0 ends them
+    item_size = ops[at + 2]
     while True:
         block = pos
         count, pos = _varint(buf, pos)
@@ -198,13 +242,20 @@ def _walk(ops: tuple[int, ...], at: int, buf: bytes, pos: int, depth: int) -> in
         if count < 0:
             count = -count
             size, pos = _length(buf, pos)
-        if count > len(buf) - pos:
+        if item_size == 0:  # not bounded by the bytes left, so by MAX_EMPTY_ITEMS in the whole body
+            if count > empty[0]:
+                raise Invalid(f"block count {count} exceeds {MAX_EMPTY_ITEMS} zero-size items at byte {block}")
+            empty[0] -= count
+        elif count > (len(buf) - pos) // item_size:
             raise Invalid(f"block count {count} exceeds the bytes left at byte {block}")
         items = pos
         for _ in range(count):
+            item = pos
             if op == MAP:
                 pos = _key(buf, pos)
-            pos = _nested(ops, ops[at + 1], buf, pos, depth)
+            pos = _nested(ops, ops[at + 1], buf, pos, depth, empty)
+            if pos == item:  # the rest of the block would walk the same (no) bytes the same way
+                break
         if size >= 0 and pos - items != size:
             raise Invalid(f"block size {size} does not match its items at byte {block}")
 
@@ -219,10 +270,10 @@ def _key(buf: bytes, pos: int) -> int:
     return pos + n
 
 
-def _nested(ops: tuple[int, ...], at: int, buf: bytes, pos: int, depth: int) -> int:
+def _nested(ops: tuple[int, ...], at: int, buf: bytes, pos: int, depth: int, empty: list[int]) -> int:
     if depth >= MAX_DEPTH:
         raise Invalid(f"nesting deeper than {MAX_DEPTH} at byte {pos}")
-    return _walk(ops, at, buf, pos, depth + 1)
+    return _walk(ops, at, buf, pos, depth + 1, empty)
 
 
 def check_py(program: Program, raw: bytes) -> None:
@@ -230,7 +281,7 @@ def check_py(program: Program, raw: bytes) -> None:
     try:
         if len(raw) < HEADER_SIZE:
             raise Invalid(f"truncated at byte {len(raw)}")
-        end = _walk(program.ops, 0, raw, HEADER_SIZE, 0)
+        end = _walk(program.ops, 0, raw, HEADER_SIZE, 0, [MAX_EMPTY_ITEMS])
     except Invalid as exc:
         raise ValueError(f"invalid Avro body for {program.name}: {exc}") from None
     if end != len(raw):
