@@ -6,18 +6,23 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from datasync import ChangeEvent, DataSync, ResyncEvent
+from datasync import ChangeEvent, DataSync, ResyncEvent, snapshot
 from datasync.bindings import TopicSpec
 from datasync.codecs import StringCodec
-from datasync.settings import GroupSettings, KafkaSettings
+from datasync.settings import GroupSettings, KafkaSettings, SnapshotSettings
+from datasync.snapshotfile import path_of, read_entries
+from datasync.table import partition_of
 
 from conftest import FAST, create, put_all
 from recorder import Recorder
+
+SNAPSHOTS = SnapshotSettings(interval_s=0, after_rebuild=True, on_shutdown=True)
 
 
 class Timed(Recorder):
@@ -45,10 +50,10 @@ class Timed(Recorder):
 async def member(bootstrap: str) -> AsyncIterator[Callable[..., DataSync]]:
     engines: list[DataSync] = []
 
-    def make(topic: str, group: str) -> DataSync:
+    def make(topic: str, group: str | None, state: Path | None = None) -> DataSync:
         settings = GroupSettings(id=group, session_timeout_ms=6000, heartbeat_interval_ms=1000)
         engine = DataSync(KafkaSettings(bootstrap_servers=bootstrap), FAST.model_copy(
-            update={"shutdown_timeout_s": 1.0}), group=settings)  # fmt: skip
+            update={"shutdown_timeout_s": 1.0}), group=settings, state_dir=state, snapshot=SNAPSHOTS)  # fmt: skip
         spec = TopicSpec(name=topic, partitions=2, value="string", sharding="partitioned")
         engine.add_topic(spec, StringCodec())
         engines.append(engine)
@@ -102,3 +107,65 @@ async def test_revocation_drops_queued_changes_of_lost_partitions(
     async with asyncio.timeout(20):
         await a.wait_for(lambda: {**slow.view, **other.view} == expected and not slow.view.keys() & other.view.keys())
     assert not slow.stale_prev and not other.stale_prev
+
+
+async def test_a_snapshot_write_spanning_a_reassignment_never_saves_a_partition_without_its_keys(
+    member: Callable[..., DataSync],
+    producer: AIOKafkaProducer,
+    topic: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The write after "a"'s first read is held before it reads the table while "b" joins and takes a
+    partition (whose keys "a" drops): no file may be finished for it with those keys missing. A
+    later start loads what "a" saved, with headers that name the topic's partition count (2), not
+    the number of partitions "a" owned at shutdown (1)."""
+    going_on = asyncio.Event()
+    real_blocking = snapshot._blocking
+
+    async def held_at_open(fn: Callable[..., Any], *args: Any) -> Any:
+        if getattr(fn, "__name__", "") == "open":  # the files are opened before the table is read
+            await going_on.wait()
+        return await real_blocking(fn, *args)
+
+    monkeypatch.setattr(snapshot, "_blocking", held_at_open)
+    group, state = f"g-{uuid.uuid4().hex[:8]}", tmp_path / "a"
+    a = member(topic, group, state)
+    await create(a)
+    expected = {f"k{i}-p{i % 2}": str(i) for i in range(200)}
+    await put_all(producer, topic, [(key, value, int(key[-1])) for key, value in expected.items()])
+    a.watch("view", Recorder("view"), {topic: [""]})
+    await a.start()
+    async with asyncio.timeout(30):
+        await a.wait_for(lambda: owned(a, topic) == {0, 1} and a._snapshots is not None and a._snapshots.writing)
+    b = member(topic, group)
+    b.watch("view", Recorder("view"), {topic: [""]})
+    await b.start()
+    async with asyncio.timeout(40):
+        await b.wait_for(lambda: len(owned(a, topic)) == 1 and owned(a, topic) | owned(b, topic) == {0, 1})
+    kept = owned(a, topic)
+    going_on.set()  # a write still running would now read the table and finish its files
+    async with asyncio.timeout(10):
+        await a.wait_for(lambda: a._snapshots is not None and not a._snapshots.writing)
+    await a.stop()  # the shutdown snapshot: of the partition "a" owns now
+
+    for p in range(2):
+        path = path_of(state, topic, p)
+        if path.exists():
+            header, entries = read_entries(path)
+            keys = {key for key in expected if key.endswith(f"-p{p}")}
+            assert header.partitions == 2
+            assert set(entries) == keys, f"the snapshot of partition {p} lacks {len(keys - set(entries))} keys"
+            assert {partition_of(packed) for packed in entries.values()} == {p}
+    assert path_of(state, topic, next(iter(kept))).exists()
+
+    c = member(topic, None, state)  # alone: reads both partitions, from the snapshots where valid
+    view = Recorder("view")
+    c.watch("view", view, {topic: [""]})
+    await c.start()
+    async with asyncio.timeout(30):
+        await c.wait_ready()
+    assert view.view == expected
+    assert c._snapshots is not None
+    loaded = {int(p): s["from"] for p, s in c._snapshots.describe(topic)["partitions"].items()}
+    assert loaded[next(iter(kept))] == "snapshot"

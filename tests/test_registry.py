@@ -434,3 +434,30 @@ async def test_an_https_registry_is_trusted_through_the_ca_file() -> None:
             await runner.cleanup()
     finally:
         certificates.stop()
+
+
+async def test_a_start_from_a_snapshot_decodes_registry_values(
+    bootstrap: str, registry_url: str, topic: str, producer: AIOKafkaProducer, store: SchemaStore, tmp_path: Path
+) -> None:
+    """A snapshot holds the values' bytes only: loading it must load their writer schemas too."""
+    kafka = KafkaSettings(bootstrap_servers=bootstrap)
+    spec = TopicSpec(name=topic, partitions=2, value="registry:shop.Product")
+    await prepare_topics(kafka, [spec], create=True)
+    v1 = serializer(registry_url, PRODUCT_V1, topic)
+    await put_all(producer, topic, [(f"p/{i}", v1({"sku": str(i), "price": float(i)}), i % 2) for i in range(20)])
+    expected = {f"p/{i}": {"sku": str(i), "price": float(i), "currency": "EUR"} for i in range(20)}
+    views = []
+    for _ in range(2):  # the second start loads the snapshot the first one wrote at shutdown
+        client = RegistryClient(RegistrySettings(urls=registry_url))  # an empty schema cache, as after a restart
+        engine = DataSync(kafka, QUICK, state_dir=tmp_path / "state")
+        engine.add_topic(spec, RegistryCodec(client, topic, store.get("shop.Product")))
+        plugin = Recorder("p")
+        engine.watch("p", plugin, {topic: [""]})
+        try:
+            await engine.start()
+            async with asyncio.timeout(30):
+                await engine.wait_ready()
+            views.append((dict(plugin.view), engine._snapshots.describe(topic)["from"] if engine._snapshots else None))
+        finally:
+            await engine.stop()
+    assert views == [(expected, "full read"), (expected, "snapshot")]

@@ -37,7 +37,7 @@ from datasync.codecs import Codec
 from datasync.confluent import prepare_encode
 from datasync.deadletter import DeadLetters
 from datasync.delivery import Deliveries
-from datasync.errors import ConfigError, TopicError
+from datasync.errors import ConfigError, DecodeError, TopicError
 from datasync.fleet import Fleet, Rebalancing
 from datasync.ingest import Ingest
 from datasync.metrics import Metrics
@@ -532,6 +532,9 @@ class DataSync:
     async def _reassign(self, reader: TableReader, fleet: Fleet) -> None:
         """Read what the group gave us, drop what it took; then resync the plugins it concerns, in order."""
         assert self._ingest is not None and self._dead_letters is not None
+        if self._snapshots is not None:  # a write running now would finish files without the dropped keys
+            await self._snapshots.cancel()
+            self._snapshots.forget(fleet.moving())
         handover = await fleet.reassign(reader, self._tables, self._ingest)
         await self._dead_letters.send(self._ingest.take_rejected())
         if handover is None:
@@ -543,8 +546,12 @@ class DataSync:
             if not handover.affects(reg.watches):
                 continue
             if self._wants_delta(reg) or reg.handover is not None:
-                changes = handover.changes_for(reg.watches, self._tables, self._codecs)
-                reg.handover = [*(reg.handover or []), *changes]
+                try:
+                    changes = handover.changes_for(reg.watches, self._tables, self._codecs)
+                    reg.handover = [*(reg.handover or []), *changes]
+                except DecodeError as exc:
+                    log.warning("plugin %s: handover not decodable (%s): full resync", reg.name, exc)
+                    reg.handover = None
             if reg.status.state is PluginState.READY:
                 reg.status.state = PluginState.RESYNCING
             reg.status.resync_attempts = 0
@@ -664,9 +671,14 @@ class DataSync:
             reg.started = True
         if reg.delta_base is not None or reg.handover is not None:
             base, reg.delta_base = reg.delta_base, None
-            changes = self._differences(reg, base) if base is not None else reg.handover or []
+            changes: list[Change] | None
+            try:
+                changes = self._differences(reg, base) if base is not None else reg.handover or []
+            except DecodeError as exc:  # a writer schema not loaded (any more): the plugin decodes a resync
+                log.warning("plugin %s: delta not decodable (%s): full resync", reg.name, exc)
+                changes = None
             reg.handover = None
-            if not changes or await self._calls.change(reg, ChangeEvent(changes)):
+            if changes is not None and (not changes or await self._calls.change(reg, ChangeEvent(changes))):
                 log.info("plugin %s: back in sync with %d changes (delta mode)", reg.name, len(changes))
                 self._calls.succeeded(reg)
                 return

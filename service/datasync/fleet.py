@@ -205,6 +205,11 @@ class Fleet:
         """Whether this member's table of ``topic`` has the keys of ``partition`` (replicated: all)."""
         return topic not in self._partitioned or partition in (self.held or frozenset())
 
+    def moving(self) -> list[TopicPartition]:
+        """The partitions the tables lose or gain in taking the current assignment over."""
+        changed = (self.held or frozenset()) ^ (self.slots or frozenset())
+        return [TopicPartition(t, p) for t in self._partitioned for p in sorted(changed) if p < self._counts[t]]
+
     def owned(self) -> dict[str, list[int]]:
         return {topic: [p for p in range(n) if self.owns(topic, p)] for topic, n in sorted(self._counts.items())}
 

@@ -29,6 +29,7 @@ class TableReader:
         self._max_records = max_records
         self._consumer: AIOKafkaConsumer | None = None
         self.partitions: list[TopicPartition] = []
+        self.counts: dict[str, int] = {}  # every topic's partition count on the broker (not only those read)
 
     @property
     def consumer(self) -> AIOKafkaConsumer:
@@ -52,6 +53,7 @@ class TableReader:
         self.assign(partitions)
 
     def assign(self, partitions: dict[str, int], select: Select | None = None) -> None:
+        self.counts = dict(partitions)
         self.partitions = [
             TopicPartition(topic, p)
             for topic, n in partitions.items()

@@ -27,8 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -39,7 +38,7 @@ from aiokafka.errors import KafkaError
 from datasync.admin import delete_retention_ms
 from datasync.bindings import TopicSpec
 from datasync.codecs import AvroCodec, Codec, JsonCodec
-from datasync.confluent import RegistryCodec
+from datasync.confluent import RegistryCodec, prepare_decode
 from datasync.metrics import Metrics
 from datasync.reader import TableReader
 from datasync.settings import KafkaSettings, SnapshotSettings
@@ -119,6 +118,7 @@ class Snapshots:
         self._kafka = kafka
         self._metrics = metrics
         self._codecs = {name: codec_identity(codecs[name], spec.max_value_bytes) for name, spec in topics.items()}
+        self._decoders = {name: codecs[name] for name in topics}
         self._since: dict[TopicPartition, float] = {}
         self._after_rebuild = False
         self._last_write = time.monotonic()
@@ -142,7 +142,7 @@ class Snapshots:
         try:
             for topic in tables:
                 await asyncio.to_thread(self._discard_unfinished, topic)
-            headers, rejected = await self.check_partitions(reader.consumer, reader.partitions, ends)
+            headers, rejected = await self.check_partitions(reader.consumer, reader.partitions, reader.counts, ends)
             for topic, table in tables.items():
                 owned = sorted((tp for tp in reader.partitions if tp.topic == topic), key=lambda tp: tp.partition)
                 for tp in owned:
@@ -165,11 +165,17 @@ class Snapshots:
             reader.consumer.resume(*reader.partitions)
 
     async def check_partitions(
-        self, consumer: AIOKafkaConsumer, partitions: list[TopicPartition], ends: dict[TopicPartition, int]
+        self,
+        consumer: AIOKafkaConsumer,
+        partitions: list[TopicPartition],
+        counts: dict[str, int],
+        ends: dict[TopicPartition, int],
     ) -> tuple[dict[TopicPartition, Header], dict[TopicPartition, SnapshotError]]:
         """The snapshots of ``partitions`` that may be loaded (their headers), and why the others
-        may not. Everything but the file's checksum is checked here: bindings, offsets against the
-        log (``ends``, and the log start offsets now), age against ``delete.retention.ms``, probe."""
+        may not. Everything but the file's checksum is checked here: bindings (``counts``: the
+        topics' partition counts on the broker, whichever of them this instance owns), offsets
+        against the log (``ends``, and the log start offsets now), age against
+        ``delete.retention.ms``, probe."""
         starts: dict[TopicPartition, int] = await consumer.beginning_offsets(partitions)
         topics = sorted({tp.topic for tp in partitions})
         try:
@@ -177,7 +183,6 @@ class Snapshots:
         except KafkaError as exc:
             log.warning("delete.retention.ms not readable (%r): snapshots cannot be checked", exc)
             retention = {}
-        counts = Counter(tp.topic for tp in partitions)
         headers: dict[TopicPartition, Header] = {}
         rejected: dict[TopicPartition, SnapshotError] = {}
         for tp in partitions:
@@ -200,7 +205,10 @@ class Snapshots:
 
         The checksum pass runs in a thread; the entries are added on the loop a block at a time,
         so that the table is built by the same thread as by a full read (and its memory is too).
+        A registry codec loads the writer schemas of each block first: decoding a value needs its
+        schema loaded, and only records fetched from Kafka are prepared otherwise.
         """
+        codec = self._decoders[header.topic]
         path = path_of(self.directory, header.topic, header.partition)
         try:
             reader = await asyncio.to_thread(SnapshotReader, path)
@@ -212,6 +220,9 @@ class Snapshots:
                     raise SnapshotError("changed", "the file was replaced while it was read")
                 data = table.data
                 for pairs in reader.blocks():
+                    if isinstance(codec, RegistryCodec):  # its prefix check and id slice work on packed values
+                        pairs = list(pairs)
+                        await prepare_decode(codec, (packed for _, packed in pairs))
                     data.update(pairs)
                     await asyncio.sleep(0)
             except OSError as exc:
@@ -294,7 +305,14 @@ class Snapshots:
                 job.keys = await asyncio.to_thread(sorted, job.keys)
             await self._write(jobs, loop_share=1.0)  # the engine has stopped: no need to leave it time
 
+    def forget(self, partitions: Iterable[TopicPartition]) -> None:
+        """These partitions changed owner (lost, or gained and being read): no snapshot of them is
+        written until one is seen read to its end again. Cancel the write in progress first."""
+        for tp in partitions:
+            self._since.pop(tp, None)
+
     async def cancel(self) -> None:
+        """Stop the write in progress; the files it had not finished are discarded."""
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
@@ -317,12 +335,11 @@ class Snapshots:
         for tp, position in positions.items():
             if tp in ends and position >= ends[tp]:
                 self._since[tp] = taken
-        counts = Counter(tp.topic for tp in positions)
         jobs = []
         for topic, table in tables.items():
             owned = [tp for tp in positions if tp.topic == topic and tp in self._since]
             jobs.append(_Job(
-                table, counts[topic], {tp.partition: positions[tp] for tp in owned},
+                table, reader.counts[topic], {tp.partition: positions[tp] for tp in owned},
                 {tp.partition: self._since[tp] for tp in owned}, table.key_order(), taken,
             ))  # fmt: skip
         return jobs
@@ -382,9 +399,13 @@ class Snapshots:
                 # Let the engine run between chunks, for at least as long as the chunk took: a
                 # snapshot must not starve change delivery, however long it takes to write.
                 await asyncio.sleep((time.perf_counter() - began) * (1 - loop_share) / loop_share)
-            for target in parts.values():
+            for p, target in parts.items():
                 target.seal()
                 await target.flush()
+                if TopicPartition(topic, p) not in self._since:  # forgotten meanwhile: its keys may be gone
+                    log.info("snapshot of %s/%d not written: the partition changed owner meanwhile", topic, p)
+                    await _blocking(target.writer.discard)
+                    continue
                 await _blocking(target.writer.finish)
         except BaseException:
             for writer in writers.values():
