@@ -12,12 +12,12 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from datasync import ChangeEvent, DataSync, ResyncEvent, snapshot
+from datasync import ChangeEvent, DataSync, ResyncEvent, fleet, snapshot
 from datasync.bindings import TopicSpec
 from datasync.codecs import StringCodec
 from datasync.settings import GroupSettings, KafkaSettings, SnapshotSettings
 from datasync.snapshotfile import path_of, read_entries
-from datasync.table import partition_of
+from datasync.table import partition_of, value_of
 
 from conftest import FAST, create, put_all
 from recorder import Recorder
@@ -109,11 +109,40 @@ async def test_revocation_drops_queued_changes_of_lost_partitions(
     assert not slow.stale_prev and not other.stale_prev
 
 
+async def take_a_partition(member: Callable[..., DataSync], a: DataSync, topic: str, group: str) -> DataSync:
+    """A second member joins; returns once each owns one of the two partitions."""
+    b = member(topic, group)
+    await b.start()
+    async with asyncio.timeout(40):
+        await b.wait_for(lambda: len(owned(a, topic)) == 1 and owned(a, topic) | owned(b, topic) == {0, 1})
+    return b
+
+
+async def alone_from(member: Callable[..., DataSync], topic: str, state: Path) -> DataSync:
+    """A start without a group (it reads both partitions) from ``state``'s snapshots, once ready."""
+    engine = member(topic, None, state)
+    engine.watch("view", Recorder("view"), {topic: [""]})
+    await engine.start()
+    async with asyncio.timeout(60):
+        await engine.wait_ready()
+    return engine
+
+
+@pytest.fixture
+def state(tmp_path: Path) -> Path:
+    """The state directory of member "a"."""
+    return tmp_path / "a"
+
+
+def contents(engine: DataSync, topic: str) -> dict[str, str]:
+    return {key: value_of(packed).decode() for key, packed in engine.table(topic).data.items()}
+
+
 async def test_a_snapshot_write_spanning_a_reassignment_never_saves_a_partition_without_its_keys(
     member: Callable[..., DataSync],
     producer: AIOKafkaProducer,
     topic: str,
-    tmp_path: Path,
+    state: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The write after "a"'s first read is held before it reads the table while "b" joins and takes a
@@ -129,7 +158,7 @@ async def test_a_snapshot_write_spanning_a_reassignment_never_saves_a_partition_
         return await real_blocking(fn, *args)
 
     monkeypatch.setattr(snapshot, "_blocking", held_at_open)
-    group, state = f"g-{uuid.uuid4().hex[:8]}", tmp_path / "a"
+    group = f"g-{uuid.uuid4().hex[:8]}"
     a = member(topic, group, state)
     await create(a)
     expected = {f"k{i}-p{i % 2}": str(i) for i in range(200)}
@@ -138,11 +167,7 @@ async def test_a_snapshot_write_spanning_a_reassignment_never_saves_a_partition_
     await a.start()
     async with asyncio.timeout(30):
         await a.wait_for(lambda: owned(a, topic) == {0, 1} and a._snapshots is not None and a._snapshots.writing)
-    b = member(topic, group)
-    b.watch("view", Recorder("view"), {topic: [""]})
-    await b.start()
-    async with asyncio.timeout(40):
-        await b.wait_for(lambda: len(owned(a, topic)) == 1 and owned(a, topic) | owned(b, topic) == {0, 1})
+    await take_a_partition(member, a, topic, group)
     kept = owned(a, topic)
     going_on.set()  # a write still running would now read the table and finish its files
     async with asyncio.timeout(10):
@@ -159,13 +184,56 @@ async def test_a_snapshot_write_spanning_a_reassignment_never_saves_a_partition_
             assert {partition_of(packed) for packed in entries.values()} == {p}
     assert path_of(state, topic, next(iter(kept))).exists()
 
-    c = member(topic, None, state)  # alone: reads both partitions, from the snapshots where valid
-    view = Recorder("view")
-    c.watch("view", view, {topic: [""]})
-    await c.start()
-    async with asyncio.timeout(30):
-        await c.wait_ready()
-    assert view.view == expected
+    c = await alone_from(member, topic, state)
+    assert contents(c, topic) == expected
     assert c._snapshots is not None
     loaded = {int(p): s["from"] for p, s in c._snapshots.describe(topic)["partitions"].items()}
     assert loaded[next(iter(kept))] == "snapshot"
+
+
+async def test_a_partition_regained_and_stopped_during_its_read_is_not_saved_half_read(
+    member: Callable[..., DataSync],
+    producer: AIOKafkaProducer,
+    topic: str,
+    state: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """ "a" loses a partition to "b", regains it when "b" leaves, and is stopped half-way through
+    reading it again (its keys are dropped, its position is mid-log): the shutdown snapshot must
+    not save it so, or a later start would skip the records before that position."""
+    half_read = asyncio.Event()
+    real_read = fleet._read
+
+    async def signalling_read(
+        reader: Any, partitions: list[Any], tables: Any, ingest: Any, interrupted: Callable[[], bool]
+    ) -> bool:
+        checks = 0
+
+        def check() -> bool:
+            nonlocal checks
+            checks += 1
+            if checks == 2:  # one batch of the regained partition read
+                half_read.set()
+            return interrupted()
+
+        return await real_read(reader, partitions, tables, ingest, check)
+
+    monkeypatch.setattr(fleet, "_read", signalling_read)
+    group = f"g-{uuid.uuid4().hex[:8]}"
+    a = member(topic, group, state)
+    await create(a)
+    filler = "x" * 10_000  # 1,200 of them per partition: several fetches (4 MiB each) to read one
+    expected = {f"k{i}-p{i % 2}": f"{i}{filler}" for i in range(2400)}
+    await put_all(producer, topic, [(key, value, int(key[-1])) for key, value in expected.items()])
+    a.watch("view", Recorder("view"), {topic: [""]})
+    await a.start()
+    async with asyncio.timeout(60):
+        await a.wait_for(lambda: owned(a, topic) == {0, 1} and topic in a.metrics.snapshot_taken)
+    b = await take_a_partition(member, a, topic, group)
+    await b.stop()  # "a" regains the partition and reads it again
+    async with asyncio.timeout(40):
+        await half_read.wait()
+    await a.stop()  # as on SIGTERM: the read stops half-way, then the shutdown snapshot is written
+
+    c = await alone_from(member, topic, state)
+    assert contents(c, topic) == expected
