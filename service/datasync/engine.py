@@ -19,9 +19,11 @@ filling memory.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +59,19 @@ log = logging.getLogger("datasync")
 # Longest wait for records when idle: bounds how long stop() and late registrations wait.
 IDLE_FETCH_MS = 250
 PROGRESS_EVERY_S = 10.0  # how often a long table read logs its progress
+
+
+@contextmanager
+def cyclic_gc_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector: it would scan a table read's records again and again
+    (about 15% of the read), while reference counting frees them anyway; it runs again afterwards."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 class Progress:
@@ -596,27 +611,28 @@ class DataSync:
             await self._snapshots.restore(reader, tables, ends, since=wall_started)
         pending = set(self._topics)
         progress = Progress()
-        while not self._stopping:
-            left = await reader.behind(ends)
-            self._remaining = {name: 0 for name in self._topics}
-            for tp, n in left.items():
-                self._remaining[tp.topic] += n
-            for name in [n for n in pending if not self._remaining[n]]:
-                pending.discard(name)
-                self._table_rebuilt(tables[name], time.monotonic() - started)
-            for name, n in self._remaining.items():
-                self.metrics.resync_remaining.labels(name).set(n)
-            if not left:
-                break
-            progress.report(sum(left.values()))
-            self.last_step = time.monotonic()
-            if self._fleet is not None:
-                self._fleet.check_rebalance()  # a revocation restarts the read with the next assignment
-            batch = await reader.fetch(timeout_ms=200, max_records=REBUILD_MAX_RECORDS)
-            await self._ingest.prepare(batch)
-            for tp, records in batch.items():
-                self._ingest.fold_all(tables[tp.topic], records)
-            await self._dead_letters.send(self._ingest.take_rejected())
+        with cyclic_gc_paused():  # the read allocates millions of short-lived, acyclic records
+            while not self._stopping:
+                left = await reader.behind(ends)
+                self._remaining = {name: 0 for name in self._topics}
+                for tp, n in left.items():
+                    self._remaining[tp.topic] += n
+                for name in [n for n in pending if not self._remaining[n]]:
+                    pending.discard(name)
+                    self._table_rebuilt(tables[name], time.monotonic() - started)
+                for name, n in self._remaining.items():
+                    self.metrics.resync_remaining.labels(name).set(n)
+                if not left:
+                    break
+                progress.report(sum(left.values()))
+                self.last_step = time.monotonic()
+                if self._fleet is not None:
+                    self._fleet.check_rebalance()  # a revocation restarts the read with the next assignment
+                batch = await reader.fetch(timeout_ms=200, max_records=REBUILD_MAX_RECORDS)
+                await self._ingest.prepare(batch)
+                for tp, records in batch.items():
+                    self._ingest.fold_all(tables[tp.topic], records)
+                await self._dead_letters.send(self._ingest.take_rejected())
         if self._stopping:
             return False
         self.generation += 1
