@@ -13,10 +13,12 @@ from __future__ import annotations
 from aiohttp import web
 
 from datasync.api import KeyValue
+from datasync.codecs import Codec
 from datasync.engine import DataSync
 from datasync.errors import DecodeError
 from datasync.httpauth import read_refused
 from datasync.settings import HttpSettings
+from datasync.table import StateTable
 
 PATH = "/v1/topics/{topic}/keys"
 DEFAULT_LIMIT = 100
@@ -39,16 +41,10 @@ def add_key_listing(app: web.Application, engine: DataSync, settings: HttpSettin
         values = query.get("values", "false").lower()
         if values not in ("true", "false", "1", "0"):
             return _error(400, "values must be true or false")
-        if not engine.running:
-            return _error(503, "the engine is not running (starting, or stopped): no tables to read")
-        if engine.rebuilding:
-            return _error(503, "the tables are being rebuilt (full resync); try again shortly")
-        codec = engine.codec(topic)
-        try:
-            table = engine.table(topic)
-        except KeyError:
-            return _error(404, f"topic {topic!r} is not read into a table")
-        assert codec is not None  # every table topic has one
+        found = readable_table(engine, topic)
+        if isinstance(found, web.Response):
+            return found
+        table, codec = found
         keys = table.keys_under(prefix, after, limit + 1)
         body: dict[str, object] = {"topic": topic, "prefix": prefix}
         if values in ("true", "1"):
@@ -68,6 +64,21 @@ def add_key_listing(app: web.Application, engine: DataSync, settings: HttpSettin
         return web.json_response(body)
 
     app.router.add_get(PATH, list_keys)
+
+
+def readable_table(engine: DataSync, topic: str) -> tuple[StateTable, Codec] | web.Response:
+    """The table of ``topic`` and its codec, or the answer saying why it cannot be read now."""
+    if not engine.running:
+        return _error(503, "the engine is not running (starting, or stopped): no tables to read")
+    if engine.rebuilding:
+        return _error(503, "the tables are being rebuilt (full resync); try again shortly")
+    codec = engine.codec(topic)
+    try:
+        table = engine.table(topic)
+    except KeyError:
+        return _error(404, f"topic {topic!r} is not read into a table")
+    assert codec is not None  # every table topic has one
+    return table, codec
 
 
 def _error(status: int, message: str) -> web.Response:

@@ -26,7 +26,7 @@ from datasync.confluent import prepare_encode
 from datasync.engine import DataSync
 from datasync.errors import DecodeError, EncodeError
 from datasync.httpauth import read_refused, refusal
-from datasync.keylist import add_key_listing
+from datasync.keylist import add_key_listing, readable_table
 from datasync.publish import PublishError
 from datasync.registry import BadSchema, RegistryError
 from datasync.settings import HttpSettings
@@ -71,16 +71,12 @@ async def get_key(request: web.Request) -> web.Response:
     engine, topic, key = request.app[ENGINE], request.match_info["topic"], request.match_info["key"]
     if (refused := read_refused(request, request.app[SETTINGS])) is not None:
         return refused
-    if not engine.running:
-        return _error(503, "the engine is not running (starting, or stopped): no tables to read")
-    if engine.rebuilding:
-        return _error(503, "the tables are being rebuilt (full resync); try again shortly")
-    codec = engine.codec(topic)
-    try:
-        entry = engine.table(topic).get(key)
-    except KeyError:
-        return _error(404, f"topic {topic!r} is not read into a table")
-    if entry is None or codec is None:
+    found = readable_table(engine, topic)
+    if isinstance(found, web.Response):
+        return found
+    table, codec = found
+    entry = table.get(key)
+    if entry is None:
         return _error(404, f"no key {key!r} in {topic!r}")
     try:
         value = codec.decode(entry.value)
