@@ -33,7 +33,8 @@ from typing import Any
 from datagen import ensure_table
 from workload import BENCH, ITEM, RESULTS, ROOT, TableLayout
 
-SESSION_MS = 6000
+SESSION_MS = 6000  # the broker's smallest (group.min.session.timeout.ms)
+HEARTBEAT_MS = 500  # survivors learn of a rebalance at their next heartbeat: part of every handover
 POLL_S = 0.05
 
 
@@ -57,7 +58,8 @@ class Member:
         self.port = _free_port()
         self.log_path = workdir / f"{name}.log"
         env = {**os.environ, "DATASYNC_KAFKA__BOOTSTRAP_SERVERS": bootstrap, "DATASYNC_GROUP__ID": group,
-               "DATASYNC_GROUP__SESSION_TIMEOUT_MS": str(SESSION_MS), "DATASYNC_GROUP__HEARTBEAT_INTERVAL_MS": "1000",
+               "DATASYNC_GROUP__SESSION_TIMEOUT_MS": str(SESSION_MS),
+               "DATASYNC_GROUP__HEARTBEAT_INTERVAL_MS": str(HEARTBEAT_MS),
                "DATASYNC_HTTP__PORT": str(self.port), "DATASYNC_SCHEMAS_DIR": str(BENCH / "schemas"),
                "PYTHONPATH": str(BENCH)}  # fmt: skip
         with open(self.log_path, "ab") as log:

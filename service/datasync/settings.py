@@ -94,7 +94,11 @@ class GroupSettings(BaseModel):
 
     id: str | None = Field(default=None, min_length=1, description="group id; unset: a single instance reads all")
     session_timeout_ms: int = Field(default=10_000, ge=1000, description="a member silent this long is dropped")
-    heartbeat_interval_ms: int = Field(default=3_000, ge=100)
+    heartbeat_interval_ms: int = Field(
+        default=1_000,
+        ge=100,
+        description="members learn of a rebalance at their next heartbeat: it delays every handover",
+    )
     rebalance_timeout_ms: int = Field(default=60_000, ge=1000, description="how long a rebalance waits for members")
 
     @model_validator(mode="after")
