@@ -20,7 +20,9 @@ from datasync.admin import prepare_topics
 from datasync.bindings import TopicSpec
 from datasync.codecs import Codec, JsonCodec, StringCodec
 from datasync.settings import KafkaSettings, SnapshotSettings, SyncSettings
+from datasync.snapshot import KEYS_PER_COPY, _key_chunks
 from datasync.snapshotfile import path_of, read_entries
+from datasync.table import StateTable
 
 from conftest import eventually, put_all
 from recorder import Recorder
@@ -348,3 +350,24 @@ async def _delete(bootstrap: str, topic: str) -> None:
             await eventually(lambda: _gone(admin, topic))
     finally:
         await admin.close()
+
+
+async def test_keys_are_listed_in_steps_and_all_at_once_when_keys_change_meanwhile() -> None:
+    """The snapshot's key list: a chunk per step while the table keeps its keys; if a key is added
+    or removed between two steps, the list is taken again at once, so no key present is missing."""
+    table = StateTable("t")
+    table.data.update((f"k{n:06d}", b"v") for n in range(3 * KEYS_PER_COPY + 5))
+    chunks = await _key_chunks(table)
+    assert len(chunks) == 4 and [k for chunk in chunks for k in chunk] == list(table.data)
+
+    async def churn() -> None:
+        await asyncio.sleep(0)  # after the first step
+        table.delete("k000000")
+        table.put("new", b"v")
+
+    changing = asyncio.create_task(churn())
+    chunks = await _key_chunks(table)
+    await changing
+    assert len(chunks) == 1 and sorted(chunks[0]) == sorted(table.data)
+
+    assert table.keys_under("") and await _key_chunks(table) == [table.cached_order()]  # the cached order, as is

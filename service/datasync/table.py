@@ -53,12 +53,13 @@ class StateTable:
     through it calls ``keys_changed()`` so the sorted key order is recomputed.
     """
 
-    __slots__ = ("topic", "data", "_sorted")
+    __slots__ = ("topic", "data", "_sorted", "key_version")
 
     def __init__(self, topic: str) -> None:
         self.topic = topic
         self.data: dict[str, Packed] = {}
         self._sorted: list[str] | None = None  # keys in order, computed on demand
+        self.key_version = 0  # changes whenever keys are added or removed
 
     def __len__(self) -> int:
         return len(self.data)
@@ -76,18 +77,19 @@ class StateTable:
         prev = data.get(key)
         data[key] = packed
         if prev is None:
-            self._sorted = None
+            self.keys_changed()
         return prev
 
     def delete(self, key: str) -> Packed | None:
         """Remove ``key`` and return its last state (None if it was unknown)."""
         prev = self.data.pop(key, None)
         if prev is not None:
-            self._sorted = None
+            self.keys_changed()
         return prev
 
     def keys_changed(self) -> None:
         self._sorted = None
+        self.key_version += 1
 
     def keys_under(self, prefix: str, after: str | None = None, limit: int | None = None) -> list[str]:
         """The keys that start with ``prefix``, sorted (a slice of the cached key order).
@@ -104,13 +106,13 @@ class StateTable:
             lo = max(lo, bisect_right(keys, after, lo, hi))
         return keys[lo : hi if limit is None else min(hi, lo + limit)]
 
-    def key_order(self) -> list[str]:
-        """Every key: sorted if that order is cached, else in insertion order (no sort here).
+    def cached_order(self) -> list[str] | None:
+        """Every key, sorted, if that order is cached (no sort here), else None.
 
         A list the caller may keep while the table changes: the cached order is replaced, never
         modified in place.
         """
-        return self._sorted if self._sorted is not None else list(self.data)
+        return self._sorted
 
     def under(self, prefix: str) -> list[tuple[str, Packed]]:
         """The (key, state) pairs whose key starts with ``prefix``, sorted by key."""
