@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import time
+from types import SimpleNamespace
+
+from aiohttp import web
 
 from datasync.api import Change, ChangeEvent
 from datasync.bindings import TopicSpec
 from datasync.calls import PluginCalls
 from datasync.delivery import Deliveries
 from datasync.fleet import Fleet, Handover
+from datasync.keylist import readable_table
 from datasync.metrics import Metrics
 from datasync.registration import Registration
 from datasync.settings import GroupSettings, KafkaSettings, SyncSettings
@@ -30,6 +34,22 @@ def test_an_interrupted_handover_is_finished_even_if_the_next_assignment_is_what
     assert not fleet.moved
 
 
+def test_a_partitioned_table_is_not_read_over_http_while_its_partitions_move() -> None:
+    """Between an assignment and the end of the read of the gained partitions, the table lacks
+    keys this member owns: key reads answer 503 (retry) rather than a wrong 404."""
+    topics = {"a": TopicSpec(name="a", partitions=4, value="string", sharding="partitioned"),
+              "r": TopicSpec(name="r", partitions=4, value="string")}  # fmt: skip
+    fleet = Fleet(KafkaSettings(), GroupSettings(id="g"), topics, Metrics(), lambda: None)
+    engine = SimpleNamespace(running=True, rebuilding=False, handing_over=fleet.handing_over, codec=lambda t: "codec",
+                             table=lambda t: f"table {t}")  # fmt: skip
+    fleet.held = fleet.slots = frozenset({0, 1})
+    assert readable_table(engine, "a") == ("table a", "codec")
+    fleet.slots = frozenset({0, 1, 2})  # assigned; partition 2 not read yet
+    answer = readable_table(engine, "a")
+    assert isinstance(answer, web.Response) and answer.status == 503 and b"moving" in answer.body
+    assert readable_table(engine, "r") == ("table r", "codec")  # replicated: every partition is read
+
+
 class Slow:
     async def change(self, event: ChangeEvent) -> None:
         await asyncio.sleep(0.3)
@@ -43,10 +63,10 @@ async def test_holding_delivery_again_does_not_wait_for_a_drain_again() -> None:
         pass
 
     deliveries = Deliveries(PluginCalls(SyncSettings(), Metrics()), 100, 1, step, lambda reg: None)
-    reg = Registration("p", Slow(), {"t": ("",)}, {}, "full", None, close)  # type: ignore[arg-type]
+    reg = Registration("p", Slow(), {"t": ("",)}, {}, "full", None, close)
     reg.status.state = PluginState.READY
     deliveries.add(reg)
-    change = Change("t", "put", "k", 1, None, 0, 0, 0, None)  # type: ignore[arg-type]
+    change = Change("t", "put", "k", 1, None, 0, 0, 0, None)
     for seq in (1, 2, 3):
         await deliveries.put(seq, {reg: [change]})
     await asyncio.sleep(0)

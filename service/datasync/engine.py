@@ -287,6 +287,10 @@ class DataSync:
         reg.status.next_attempt_at = time.time()
         self._wakeup.set()
 
+    def handing_over(self, topic: str) -> bool:
+        """Partitions of ``topic`` are being handed over between the members of the group."""
+        return self._fleet is not None and self._fleet.handing_over(topic)
+
     def group_status(self) -> dict[str, Any] | None:
         """The group, this member and the partitions it owns (None without a group)."""
         return self._fleet.status() if self._fleet is not None else None

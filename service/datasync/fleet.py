@@ -201,6 +201,10 @@ class Fleet:
         held = self.held or frozenset()
         return (partition % self._counts[self.anchor]) in held
 
+    def handing_over(self, topic: str) -> bool:
+        """Partitions of ``topic`` are being handed over: its table may lack keys this member will own."""
+        return self.moved and topic in self._partitioned
+
     def holds(self, topic: str, partition: int) -> bool:
         """Whether this member's table of ``topic`` has the keys of ``partition`` (replicated: all)."""
         return topic not in self._partitioned or partition in (self.held or frozenset())

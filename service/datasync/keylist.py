@@ -72,6 +72,8 @@ def readable_table(engine: DataSync, topic: str) -> tuple[StateTable, Codec] | w
         return _error(503, "the engine is not running (starting, or stopped): no tables to read")
     if engine.rebuilding:
         return _error(503, "the tables are being rebuilt (full resync); try again shortly")
+    if engine.handing_over(topic):
+        return _error(503, f"partitions of {topic!r} are moving between instances (a rebalance); try again shortly")
     codec = engine.codec(topic)
     try:
         table = engine.table(topic)
