@@ -612,7 +612,7 @@ class DataSync:
         self._tables = tables
         ends = await reader.rewind()
         if self._snapshots is not None:  # partitions with a valid snapshot are read from its position
-            await self._snapshots.restore(reader, tables, ends, since=wall_started)
+            await self._snapshots.restore(reader, tables, ends, since=wall_started, interned=self._ingest.interning)
         pending = set(self._topics)
         progress = Progress()
         with cyclic_gc_paused():  # the read allocates millions of short-lived, acyclic records

@@ -4,7 +4,8 @@ Keys are interned from the first rebuild on: after a rebuild the table and the
 plugins (which keep keys in their own state) share one string per key instead
 of holding two. The first build does not intern (nobody holds keys yet, and it
 is the load everyone waits for); the first rebuild interns the keys the plugins
-got from it before reading anew.
+got from it before reading anew. Loading a snapshot follows the same rule
+(``Ingest.interning``).
 
 A record that cannot be applied (no key, a key that is not UTF-8, an oversized
 or undecodable value) never reaches the table, so the key keeps its last good
@@ -58,6 +59,11 @@ class Ingest:
         """Before folding: let codecs load what decoding needs (registry schemas), waiting if it is away."""
         for tp, records in batch.items():
             await prepare_decode(self._codecs[tp.topic], (record.value for record in records))
+
+    @property
+    def interning(self) -> bool:
+        """Whether table keys are interned now: from the first rebuild on (see the module's doc)."""
+        return self._interning
 
     def before_rebuild(self, tables: Iterable[StateTable]) -> None:
         """Intern the keys of the tables about to be replaced, once: from now on rebuilt

@@ -131,12 +131,17 @@ class Snapshots:
     # -- loading ---------------------------------------------------------------
 
     async def restore(
-        self, reader: TableReader, tables: dict[str, StateTable], ends: dict[TopicPartition, int], since: float
+        self,
+        reader: TableReader,
+        tables: dict[str, StateTable],
+        ends: dict[TopicPartition, int],
+        since: float,
+        interned: bool,
     ) -> None:
         """For every partition the reader is assigned (those this instance owns), load its snapshot
         into ``tables`` (fresh, empty) if it is valid and seek the partition to its position; the
         others stay at the beginning. ``ends`` are the end offsets the rebuild reads up to, taken
-        after the wall time ``since``."""
+        after the wall time ``since``; ``interned``: whether the rebuild interns the tables' keys."""
         await self.cancel()  # a write still running belongs to the tables being replaced
         self._since = {tp: since for tp in reader.partitions}
         self._after_rebuild = self.settings.after_rebuild
@@ -152,7 +157,7 @@ class Snapshots:
                     if tp not in headers:
                         continue
                     try:
-                        await self.load_partition(table, headers[tp])
+                        await self.load_partition(table, headers[tp], interned)
                     except SnapshotError as exc:
                         if not exc.partial:
                             rejected[tp] = exc
@@ -202,9 +207,10 @@ class Snapshots:
             del headers[tp]
         return headers, rejected
 
-    async def load_partition(self, table: StateTable, header: Header) -> None:
+    async def load_partition(self, table: StateTable, header: Header, interned: bool) -> None:
         """Add the entries of the snapshot ``header`` came from to ``table``, after checking the
         file's checksum. Raises SnapshotError with the table untouched unless it says ``partial``.
+        Keys are interned if ``interned``, by the same rule as a full read's (see ingest.py).
 
         The checksum pass runs in a thread; the entries are added on the loop a block at a time,
         so that the table is built by the same thread as by a full read (and its memory is too).
@@ -222,11 +228,10 @@ class Snapshots:
                 if await asyncio.to_thread(reader.verify) != header:
                     raise SnapshotError("changed", "the file was replaced while it was read")
                 data = table.data
-                for pairs in reader.blocks():
+                for block in reader.blocks():
                     if isinstance(codec, RegistryCodec):  # its prefix check and id slice work on packed values
-                        pairs = list(pairs)
-                        await prepare_decode(codec, (packed for _, packed in pairs))
-                    data.update(pairs)
+                        await prepare_decode(codec, block.values())
+                    block.fill(data, interned)  # ~2 ms in C for 4096 entries (more when the dict grows)
                     await asyncio.sleep(0)
             except OSError as exc:
                 raise SnapshotError("unreadable", str(exc), partial=True) from exc

@@ -8,8 +8,11 @@ Layout (integers little-endian)::
     an empty block (n = 0) | entries (u64) | CRC-32 of every byte before it (u32)
 
 A block holds a few thousand entries, so the writer never builds more than that in memory and
-the reader turns a block into keys and values with a few bulk operations (one decode, slices).
-Values are the table's packed states (value + offset/timestamp/partition trailer), unchanged.
+the reader adds a block to a table in one call (``fill_block``: one decode of the keys, then
+each key and value cut straight into the table's dict). ``datasync._snapblock`` is that call
+compiled (built by ``pip install`` when a C compiler is there); ``fill_block_py`` is the
+pure-Python fallback giving the same results. Values are the table's packed states (value +
+offset/timestamp/partition trailer), unchanged.
 
 Files are written under a temporary name, fsynced and renamed: a reader sees a whole file or
 the previous one. A file that is torn anyway (a disk that lies, a copy cut short) fails the
@@ -24,7 +27,8 @@ import struct
 import sys
 import zlib
 from array import array
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from itertools import accumulate, pairwise
 from pathlib import Path
@@ -191,11 +195,11 @@ def _header(read: Callable[[int], bytes], seen: Callable[[bytes], None]) -> Head
 
 class SnapshotReader:
     """Reads one file: ``verify`` checks the whole file's checksum and returns its header (blocking:
-    run it in a thread); then ``blocks`` yields the entries a block at a time, each step short
-    enough to run on the event loop. Keys are interned, as the tables' keys are.
+    run it in a thread); then ``blocks`` yields the blocks one at a time, and filling one into a
+    table is short enough to run on the event loop.
 
-    An error found by ``blocks`` (only a bug in the writer could cause one after the checksum
-    passed) raises SnapshotError with ``partial`` set: the entries yielded before were wrong too.
+    An error found after ``verify`` (only a bug in the writer could cause one after the checksum
+    passed) raises SnapshotError with ``partial`` set: the entries added before were wrong too.
     """
 
     def __init__(self, path: Path) -> None:
@@ -217,30 +221,17 @@ class SnapshotReader:
         f.seek(0)
         return _header(f.read, lambda _raw: None)
 
-    def blocks(self) -> Iterator[Iterable[tuple[str, Packed]]]:
-        """After ``verify``: the (key, state) pairs of each block."""
+    def blocks(self) -> Iterator[Block]:
+        """After ``verify``: each block as read, to be filled into a table before the next one."""
         total = 0
-        try:
-            while True:
-                n, text_bytes, value_bytes = _BLOCK.unpack(self._take(_BLOCK.size))
-                if n == 0:
-                    break
-                key_lengths = _parse_lengths(self._take(4 * n))
-                value_lengths = _parse_lengths(self._take(4 * n))
-                text = self._take(text_bytes).decode()
-                body = self._take(value_bytes)
-                if sum(key_lengths) + n - 1 != len(text) or sum(value_lengths) != value_bytes:
-                    raise SnapshotError("corrupt", "block lengths do not add up", partial=True)
-                keys = text.split(_SEPARATOR)
-                if len(keys) != n:  # some key holds a NUL: cut by lengths instead
-                    starts = accumulate((length + 1 for length in key_lengths), initial=0)
-                    keys = [text[a : a + length] for a, length in zip(starts, key_lengths, strict=False)]
-                values = [body[a:b] for a, b in pairwise(accumulate(value_lengths, initial=0))]
-                yield zip(map(intern, keys), values, strict=True)
-                total += n
-            (count,) = _ENTRIES.unpack(self._take(_ENTRIES.size))
-        except UnicodeDecodeError as exc:
-            raise SnapshotError("corrupt", f"keys are not UTF-8: {exc}", partial=True) from exc
+        while True:
+            n, text_bytes, value_bytes = _BLOCK.unpack(self._take(_BLOCK.size))
+            if n == 0:
+                break
+            key_lengths, value_lengths = self._take(4 * n), self._take(4 * n)
+            yield Block(n, self._take(text_bytes), key_lengths, value_lengths, self._take(value_bytes))
+            total += n
+        (count,) = _ENTRIES.unpack(self._take(_ENTRIES.size))
         if count != total or self._file.tell() != self._size - _LENGTH.size:
             raise SnapshotError("corrupt", f"{total} entries, the end says {count}", partial=True)
 
@@ -252,13 +243,107 @@ class SnapshotReader:
         return raw
 
 
+@dataclass(frozen=True, slots=True)
+class Block:
+    """One block's pieces as read; its lengths are checked when it is filled."""
+
+    n: int
+    text: bytes  # the keys, UTF-8, NUL between
+    key_lengths: bytes  # n u32, in characters
+    value_lengths: bytes  # n u32
+    body: bytes  # the values, back to back
+
+    def fill(self, data: dict[str, Packed], interned: bool) -> None:
+        """Add the block's entries to ``data``, keys interned if ``interned`` (as the table's are)."""
+        with _corrupt():
+            fill_block(data, self.n, self.text, self.key_lengths, self.value_lengths, self.body, interned)
+
+    def values(self) -> list[Packed]:
+        """The block's values, for a look before filling (a registry codec loads their schemas)."""
+        with _corrupt():
+            return _values(self.n, self.value_lengths, self.body)
+
+
+@contextmanager
+def _corrupt() -> Iterator[None]:
+    """A block that does not add up is a corrupt snapshot (some of which may be in the table)."""
+    try:
+        yield
+    except ValueError as exc:
+        raise SnapshotError("corrupt", str(exc), partial=True) from exc
+
+
+def fill_block_py(
+    data: dict[str, Packed],
+    n: int,
+    text: bytes,
+    key_lengths: bytes,
+    value_lengths: bytes,
+    body: bytes,
+    interned: bool,
+    /,
+) -> int:
+    """Add a block's n entries to ``data`` and return n; raise ValueError, before adding any, if
+    its pieces do not match: the lengths must add up to the values' bytes and to the keys'
+    characters with a NUL after every key but the last (keys may hold NULs: they are cut by
+    their lengths), and the keys must be UTF-8. The compiled fill checks in the same order."""
+    values = _values(n, value_lengths, body)
+    keys = _keys(n, text, key_lengths)
+    data.update(zip(map(intern, keys) if interned else keys, values, strict=True))
+    return n
+
+
+def _values(n: int, value_lengths: bytes, body: bytes) -> list[Packed]:
+    if n < 1:
+        raise ValueError(f"a block holds at least one entry, not {n}")
+    lengths = _counted(n, value_lengths, "value")
+    if (total := sum(lengths)) != len(body):
+        raise ValueError(f"value lengths add up to {total} bytes, the values are {len(body)}")
+    return [body[a:b] for a, b in pairwise(accumulate(lengths, initial=0))]
+
+
+def _keys(n: int, text: bytes, key_lengths: bytes) -> list[str]:
+    lengths = _counted(n, key_lengths, "key")
+    try:
+        keys = text.decode()
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"keys are not UTF-8: {exc}") from exc
+    if (chars := sum(lengths) + n - 1) != len(keys):
+        raise ValueError(f"key lengths and NULs add up to {chars} characters, the keys are {len(keys)}")
+    split = keys.split(_SEPARATOR)
+    if len(split) == n and array("I", map(len, split)) == lengths:
+        return split
+    starts = list(accumulate((length + 1 for length in lengths), initial=0))  # some key holds a NUL
+    for i, end in enumerate(starts[1:-1]):
+        if keys[end - 1] != _SEPARATOR:
+            raise ValueError(f"no NUL after key {i}: a key length is wrong")
+    return [keys[a : a + length] for a, length in zip(starts, lengths, strict=False)]
+
+
+def _counted(n: int, raw: bytes, what: str) -> array[int]:
+    if len(raw) != 4 * n:
+        raise ValueError(f"{n} entries but {len(raw)} bytes of {what} lengths")
+    return _parse_lengths(raw)
+
+
+FillBlock = Callable[[dict[str, Packed], int, bytes, bytes, bytes, bytes, bool], int]
+fill_block: FillBlock = fill_block_py
+try:  # the compiled fill, if pip built it
+    from datasync import _snapblock
+except ImportError:  # built without a C compiler: the pure-Python fill above
+    COMPILED = False
+else:
+    fill_block = _snapblock.fill
+    COMPILED = True
+
+
 def read_entries(path: Path) -> tuple[Header, dict[str, Packed]]:
     """A whole file at once (for tools and tests); blocking."""
     entries: dict[str, Packed] = {}
     with SnapshotReader(path) as reader:
         header = reader.verify()
-        for pairs in reader.blocks():
-            entries.update(pairs)
+        for block in reader.blocks():
+            block.fill(entries, interned=False)
     return header, entries
 
 
