@@ -1,4 +1,4 @@
-# datasync service image: slim Python, non-root, compiled aiokafka/fastavro/avrowalk/snapblock checked at build time.
+# datasync service image: slim Python, non-root, compiled aiokafka/fastavro/avrowalk/snapblock/keyvalue checked at build time.
 FROM python:3.11-slim AS build
 WORKDIR /src
 RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev && rm -rf /var/lib/apt/lists/*
@@ -6,9 +6,9 @@ COPY pyproject.toml setup.py README.md ./
 COPY service ./service
 RUN pip install --no-cache-dir --prefix=/install . \
  && PYTHONPATH=$(echo /install/lib/python3.11/site-packages) python -c "\
-import aiokafka.record._crecords.default_records as a, fastavro._read as f, datasync._avrowalk as w, datasync._snapblock as s; \
-assert all(m.__file__.endswith('.so') for m in (a, f, w, s)), 'C extensions missing'; \
-print('C extensions:', a.__file__, f.__file__, w.__file__, s.__file__)"
+import aiokafka.record._crecords.default_records as a, fastavro._read as f, datasync._avrowalk as w, datasync._snapblock as s, datasync._keyvalue as k; \
+assert all(m.__file__.endswith('.so') for m in (a, f, w, s, k)), 'C extensions missing'; \
+print('C extensions:', a.__file__, f.__file__, w.__file__, s.__file__, k.__file__)"
 
 FROM python:3.11-slim
 COPY --from=build /install /usr/local

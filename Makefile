@@ -7,7 +7,7 @@ LINT_DIRS := service tests tools examples $(wildcard bench)
 
 .PHONY: setup run test lint bench soak container-test clean
 
-$(STAMP): pyproject.toml setup.py service/datasync/_avrowalk.c service/datasync/_snapblock.c  # built by the install
+$(STAMP): pyproject.toml setup.py $(wildcard service/datasync/*.c)  # the C extensions are built by the install
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[dev]'
