@@ -200,13 +200,13 @@ def rss_bytes() -> int:
 
 
 def c_extensions() -> dict[str, Any]:
-    """Whether aiokafka's record parser, fastavro's reader, datasync's Avro walk and snapshot block
-    fill are compiled."""
+    """Whether aiokafka's record parser, fastavro's reader, datasync's Avro walk, snapshot block
+    fill and resync KeyValue are compiled."""
     import aiokafka.util
     import fastavro._read
     from aiokafka.record import default_records
 
-    from datasync import avrowalk, snapshotfile
+    from datasync import api, avrowalk, snapshotfile
 
     batch_module = default_records.DefaultRecordBatch.__module__
     fastavro_file = getattr(fastavro._read, "__file__", "") or ""
@@ -217,4 +217,5 @@ def c_extensions() -> dict[str, Any]:
         "fastavro_read": fastavro_file,
         "datasync_avrowalk_compiled": avrowalk.COMPILED,
         "datasync_snapblock_compiled": snapshotfile.COMPILED,
+        "datasync_keyvalue_compiled": api.KeyValue is not api._PyKeyValue,
     }
