@@ -16,11 +16,12 @@ beginning, with one log line saying why:
 
 Writing (after a rebuild once the plugins resynced, every ``interval_s``, at shutdown) never
 pauses the engine for long and never copies the table: the positions are taken between two
-engine steps, then the keys are listed and the entries encoded a few thousand at a time on the
-loop while the engine runs, and a thread writes them. Values read later than the positions are
-newer than those positions say, and keys deleted since are missing; that is harmless, because
-loading replays every record from the positions on and folding a record twice gives the same
-state (the table ends equal to a full read).
+engine steps, then the entries are encoded a thousand keys at a time on the loop while the
+engine runs, and a thread writes them. Values read later than the positions are newer than
+those positions say, keys deleted since are missing, and a key may be written twice (the later,
+newer value is loaded last); that is harmless, because loading replays every record from the
+positions on and folding a record twice gives the same state (the table ends equal to a full
+read).
 """
 
 from __future__ import annotations
@@ -28,9 +29,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from itertools import chain, islice
+from itertools import islice
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -59,7 +60,6 @@ from datasync.table import Entry, Packed, StateTable
 log = logging.getLogger("datasync.snapshot")
 
 CHUNK_KEYS = 1024  # keys encoded per step on the event loop (a fraction of a millisecond)
-KEYS_PER_COPY = 32768  # keys listed per step on the event loop (about a millisecond)
 LOOP_SHARE = 0.25  # at most this share of the event loop's time goes to encoding a snapshot
 BLOCK_ENTRIES = 4096  # entries per block of a file: fewer blocks make loading faster
 FLUSH_BYTES = 4 << 20  # encoded bytes handed to the writing thread at once
@@ -101,7 +101,7 @@ class _Job:
     positions: dict[int, int]
     since: dict[int, float]
     taken: float  # unix time
-    keys: list[Sequence[str]] | None = None  # in chunks; listed by the write unless given
+    keys: Sequence[str] | None = None  # the keys to write, if not those of the table as it goes
 
 
 class Snapshots:
@@ -310,7 +310,7 @@ class Snapshots:
         if final and reader is not None and self.settings.on_shutdown:
             jobs = await self._freeze(reader, tables)
             for job in jobs:  # sorted keys make the next load cheaper; nothing else runs now
-                job.keys = [await asyncio.to_thread(sorted, job.table.data)]
+                job.keys = await asyncio.to_thread(sorted, job.table.data)
             await self._write(jobs, loop_share=1.0)  # the engine has stopped: no need to leave it time
 
     def forget(self, partitions: Iterable[TopicPartition]) -> None:
@@ -369,16 +369,13 @@ class Snapshots:
             self._metrics.snapshot_bytes.labels(topic).set(size)
             self._metrics.snapshot_write_seconds.labels(topic).set(took)
             self._metrics.snapshot_taken[topic] = job.taken
-            keys = sum(map(len, job.keys or ()))
-            log.info("snapshot of %s written: %d keys, %d bytes, in %.2fs", topic, keys, size, took)
+            log.info("snapshot of %s written: %d keys, %d bytes, in %.2fs", topic, len(job.table), size, took)
 
     async def _write_topic(self, job: _Job, loop_share: float) -> int:
         """Encode the entries a chunk of keys at a time on the loop; a thread writes the bytes."""
         topic = job.table.topic
         taken_ms = int(job.taken * 1000)
-        if job.keys is None:
-            job.keys = await _key_chunks(job.table)
-        probes = _probes(job.table, job.keys, len(job.positions))
+        probes = _probes(job.table, len(job.positions))
         since_ms = {p: int(since * 1000) for p, since in job.since.items()}
         writers = {
             p: SnapshotWriter(
@@ -392,7 +389,7 @@ class Snapshots:
             for writer in writers.values():
                 await _blocking(writer.open)
             data = job.table.data
-            for step in (keys[n : n + CHUNK_KEYS] for keys in job.keys for n in range(0, len(keys), CHUNK_KEYS)):
+            for step in _steps(job.table, job.keys):
                 began = time.perf_counter()
                 for key in step:
                     packed = data.get(key)
@@ -452,34 +449,34 @@ class _Partition:
         await _blocking(self.writer.append, pieces, entries)
 
 
-async def _key_chunks(table: StateTable) -> list[Sequence[str]]:
-    """Every key of ``table``, listed while the engine runs. Copying a million keys at once stops
-    the loop for ~25 ms, and while a list of them lives every garbage collection of its generation
-    scans it (~16 ms); a tuple of strings is scanned once. So: the cached sorted order if there is
-    one, else a chunk per step, or all at once if keys are added or removed meanwhile (the dict's
-    iterator does not survive that)."""
-    ordered = table.cached_order()
-    if ordered is not None:
-        return [ordered]
-    version, keys = table.key_version, iter(table.data)
-    chunks: list[Sequence[str]] = []
-    while chunk := tuple(islice(keys, KEYS_PER_COPY)):
-        chunks.append(chunk)
-        await asyncio.sleep(0)
-        if table.key_version != version:
-            return [tuple(table.data)]
-    return chunks
+def _steps(table: StateTable, keys: Sequence[str] | None) -> Iterator[Sequence[str]]:
+    """The keys to write, ``CHUNK_KEYS`` at a time (the caller lets the engine run between steps):
+    ``keys`` if given, else the table's cached sorted order, else the table's own keys as it goes.
+
+    No list of a million keys is made: taking one stops the loop for ~25 ms, and the garbage
+    collector scans it again (~25 ms). Iterating the table's dict across steps is safe while no
+    key is added or removed (``key_version``); if one is, the keys are listed then and all written
+    again (those written twice are loaded twice, the later, newer value last).
+    """
+    keys = keys if keys is not None else table.cached_order()
+    if keys is None:
+        version, data = table.key_version, iter(table.data)
+        while table.key_version == version:
+            step = tuple(islice(data, CHUNK_KEYS))
+            if not step:
+                return
+            yield step
+        keys = tuple(table.data)
+    for n in range(0, len(keys), CHUNK_KEYS):
+        yield keys[n : n + CHUNK_KEYS]
 
 
-def _probes(table: StateTable, keys: list[Sequence[str]], partitions: int) -> dict[int, tuple[int, int, str]]:
+def _probes(table: StateTable, partitions: int) -> dict[int, tuple[int, int, str]]:
     """One record per partition the snapshot holds (offset, timestamp, key), from the first keys."""
     found: dict[int, tuple[int, int, str]] = {}
-    data = table.data
-    for n, key in enumerate(chain.from_iterable(keys)):
-        packed = data.get(key)
-        if packed is not None:
-            entry = Entry.unpack(packed)
-            found.setdefault(entry.partition, (entry.offset, entry.timestamp, key))
+    for n, (key, packed) in enumerate(table.data.items()):
+        entry = Entry.unpack(packed)
+        found.setdefault(entry.partition, (entry.offset, entry.timestamp, key))
         if len(found) >= partitions or n >= PROBE_SCAN_KEYS:
             break  # a partition with no key among the first ones goes without a probe
     return found
