@@ -55,7 +55,7 @@ from datasync.snapshotfile import (
     path_of,
     read_header,
 )
-from datasync.table import Entry, Packed, StateTable
+from datasync.table import Entry, Packed, StateTable, partition_of
 
 log = logging.getLogger("datasync.snapshot")
 
@@ -395,7 +395,7 @@ class Snapshots:
                     packed = data.get(key)
                     if packed is None:  # deleted since: the replay from the position deletes it too
                         continue
-                    target = parts.get(packed[-2] | packed[-1] << 8)  # the trailer's partition (u16 LE)
+                    target = parts.get(partition_of(packed))
                     if target is not None:  # else a partition this instance does not own
                         target.keys.append(key)
                         target.values.append(packed)
