@@ -30,9 +30,13 @@ class BrokerProbe:
 
     async def reachable(self) -> bool:
         try:
-            async with asyncio.timeout(self._timeout_s):
+            # aiokafka times its requests out itself, within ours: cancelled from outside during its
+            # bootstrap, aiokafka 0.14 leaves the bootstrap connection open ("Unclosed
+            # AIOKafkaConnection" when it is garbage collected); its own time-out closes it.
+            async with asyncio.timeout(2 * self._timeout_s):
                 if self._admin is None:
-                    self._admin = AIOKafkaAdminClient(**self._kafka.client_options())
+                    options = {**self._kafka.client_options(), "request_timeout_ms": int(self._timeout_s * 1000)}
+                    self._admin = AIOKafkaAdminClient(**options)
                     await self._admin.start()  # if this fails, _close() below closes it
                 await self._admin.describe_cluster()
             return True
