@@ -131,13 +131,15 @@ def restart_rows(restart: dict[str, Any]) -> list[Row]:
         ),
         Row("  RSS after ready, snapshot vs full", rss, "not above", snap["rss_after"] <= full["rss_after"]),
         Row(
-            f"latency at {busy['rate']:,}/s, writing snapshots",
+            f"latency at {busy['rate']:,}/s, writing snapshots (median)",
             lat,
             f"p99 <= {MAX_SNAPSHOT_P99_MS:.0f} ms",
             writing and busy["p99_ms"] <= MAX_SNAPSHOT_P99_MS,
         ),
         Row("  a write ran at the window's start and end", "yes" if writing else "NO"),
+        Row("  p99 of each window", ", ".join(f"{p:.1f} ms" for p in busy["p99s_ms"])),
         Row("  same, no snapshots", f"p50 {quiet['p50_ms']:.1f} ms, p99 {quiet['p99_ms']:.1f} ms"),
+        Row("  p99 of each window", ", ".join(f"{p:.1f} ms" for p in quiet["p99s_ms"])),
     ]
 
 

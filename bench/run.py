@@ -228,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     ext = results["environment"]["c_extensions"]
     print(
         f"C extensions: aiokafka _crecords {ext['aiokafka_crecords']}, fastavro _read {ext['fastavro_read_compiled']},"
-        f" datasync _avrowalk {ext['datasync_avrowalk_compiled']}, _snapblock {ext['datasync_snapblock_compiled']}"
+        f" datasync _avrowalk {ext['datasync_avrowalk_compiled']}, _snapblock {ext['datasync_snapblock_compiled']},"
+        f" _keyvalue {ext['datasync_keyvalue_compiled']}"
     )
     print(table(report))
     write_json(args.json, results, report)
