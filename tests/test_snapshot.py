@@ -6,7 +6,7 @@ import asyncio
 import logging
 import signal
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +19,11 @@ from datasync import DataSync
 from datasync.admin import prepare_topics
 from datasync.bindings import TopicSpec
 from datasync.codecs import Codec, JsonCodec, StringCodec
+from datasync.metrics import Metrics
 from datasync.settings import KafkaSettings, SnapshotSettings, SyncSettings
-from datasync.snapshot import CHUNK_KEYS, _steps
-from datasync.snapshotfile import path_of, read_entries
-from datasync.table import StateTable
+from datasync.snapshot import CHUNK_KEYS, Snapshots, _Job, _KeysChanged, _steps
+from datasync.snapshotfile import SnapshotReader, path_of, read_entries
+from datasync.table import StateTable, pack
 
 from conftest import eventually, put_all
 from recorder import Recorder
@@ -352,19 +353,54 @@ async def _delete(bootstrap: str, topic: str) -> None:
         await admin.close()
 
 
-def test_a_write_takes_the_keys_in_steps_and_lists_them_when_keys_change_between_two() -> None:
+def test_a_write_walks_the_table_in_steps_and_says_when_keys_change_between_two() -> None:
     """The keys a snapshot writes: the table's own, a step at a time, while no key is added or
-    removed; if one is between two steps, every key present then is written (again)."""
+    removed; if one is between two steps, the walk stops (the write starts over from a list)."""
     table = StateTable("t")
     table.data.update((f"k{n:06d}", b"v") for n in range(3 * CHUNK_KEYS + 5))
     steps = list(_steps(table, None))
     assert len(steps) == 4 and [k for step in steps for k in step] == list(table.data)
 
-    steps = _steps(table, None)
-    first = next(steps)
+    walk = _steps(table, None)
+    first = next(walk)
     table.delete(first[0])  # same size after the put: the dict's iterator would not notice
     table.put("new", b"v")
-    rest = [k for step in steps for k in step]
-    assert len(rest) == len(table) and set(rest) == set(table.data)
+    with pytest.raises(_KeysChanged):
+        next(walk)
 
     assert table.keys_under("") and next(_steps(table, None)) == table.cached_order()[:CHUNK_KEYS]
+
+
+async def test_a_write_during_which_keys_change_holds_each_key_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Keys added and removed while a snapshot is written: the file holds every key of the table
+    once (the write started over from a list of the keys), none removed, the added one."""
+
+    walked = asyncio.Event()
+
+    class Walked(dict[str, bytes]):
+        def __iter__(self) -> Iterator[str]:
+            walked.set()
+            return super().__iter__()
+
+    table = StateTable("t")
+    table.data = Walked((f"k{n:06d}", pack(b"v", n, 0, 0)) for n in range(3 * CHUNK_KEYS + 5))
+    snapshots = Snapshots(tmp_path, SnapshotSettings(), KafkaSettings(), Metrics(),
+                          {"t": TopicSpec(name="t", value="string")}, {"t": StringCodec()})  # fmt: skip
+    snapshots._since = {TopicPartition("t", 0): time.time()}
+    job = _Job(table, partitions=1, positions={0: 1 << 20}, since={0: time.time()}, taken=time.time())
+
+    async def churn() -> None:
+        await walked.wait()  # the write took its first step of the table's keys
+        table.delete("k000000")
+        table.put("new", pack(b"v", 1 << 20, 0, 0))
+
+    with caplog.at_level(logging.INFO, logger="datasync.snapshot"):
+        await asyncio.gather(snapshots._write([job], loop_share=0.5), churn())
+    assert "starting over" in caplog.text
+    with SnapshotReader(path_of(tmp_path, "t", 0)) as reader:
+        reader.verify()
+        written = sum(block.n for block in reader.blocks())
+    _, entries = read_entries(path_of(tmp_path, "t", 0))
+    assert written == len(table) and entries == table.data

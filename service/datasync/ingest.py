@@ -86,11 +86,13 @@ class Ingest:
         programs = codec.programs if isinstance(codec, AvroCodec) else None
         start = 0
         limit_bytes, interning = -1 if limit is None else limit, self._interning
-        while bad := avrowalk.fold(records, start, data, programs, codec.decode, limit_bytes, interning):
-            index, reason, detail = bad
-            self._reject(topic, records[index], reason, detail)
-            start = index + 1
-        table.keys_changed()
+        try:
+            while bad := avrowalk.fold(records, start, data, programs, codec.decode, limit_bytes, interning):
+                index, reason, detail = bad
+                self._reject(topic, records[index], reason, detail)
+                start = index + 1
+        finally:  # keys were added or removed, even if the fold stopped half-way
+            table.keys_changed()
         self._metrics.records.labels(topic).inc(len(records))
 
     def fold(self, table: StateTable, record: Record) -> Change | None:

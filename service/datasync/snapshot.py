@@ -18,10 +18,9 @@ Writing (after a rebuild once the plugins resynced, every ``interval_s``, at shu
 pauses the engine for long and never copies the table: the positions are taken between two
 engine steps, then the entries are encoded a thousand keys at a time on the loop while the
 engine runs, and a thread writes them. Values read later than the positions are newer than
-those positions say, keys deleted since are missing, and a key may be written twice (the later,
-newer value is loaded last); that is harmless, because loading replays every record from the
-positions on and folding a record twice gives the same state (the table ends equal to a full
-read).
+those positions say, and keys deleted since are missing; that is harmless, because loading
+replays every record from the positions on and folding a record twice gives the same state
+(the table ends equal to a full read).
 """
 
 from __future__ import annotations
@@ -163,6 +162,7 @@ class Snapshots:
                             rejected[tp] = exc
                             continue
                         table.data.clear()  # it holds part of a snapshot: read the whole topic instead
+                        table.keys_changed()
                         rejected.update((other, exc) for other in owned)
                         break
                 loaded = [tp for tp in owned if tp not in rejected]
@@ -300,7 +300,7 @@ class Snapshots:
         return interval > 0 and time.monotonic() - self._last_write >= interval
 
     async def save(self, reader: TableReader, tables: dict[str, StateTable]) -> None:
-        """Take the positions and key lists now (between two engine steps) and write in the background."""
+        """Take the positions now (between two engine steps) and write in the background."""
         jobs = await self._freeze(reader, tables)
         self._task = asyncio.create_task(self._write(jobs, LOOP_SHARE), name="datasync-snapshot")
 
@@ -356,7 +356,12 @@ class Snapshots:
         for job in jobs:
             topic = job.table.topic
             try:
-                size = await self._write_topic(job, loop_share)
+                try:
+                    size, entries = await self._write_topic(job, loop_share)
+                except _KeysChanged:  # list the keys now (one long step) and write them from the start
+                    log.info("snapshot of %s: keys added or removed during the write: starting over", topic)
+                    job.keys = tuple(job.table.data)
+                    size, entries = await self._write_topic(job, loop_share)
             except OSError as exc:
                 self._metrics.snapshot_write_failures.labels(topic).inc()
                 log.warning("snapshot of %s not written: %s (going on without it)", topic, exc)
@@ -369,10 +374,11 @@ class Snapshots:
             self._metrics.snapshot_bytes.labels(topic).set(size)
             self._metrics.snapshot_write_seconds.labels(topic).set(took)
             self._metrics.snapshot_taken[topic] = job.taken
-            log.info("snapshot of %s written: %d keys, %d bytes, in %.2fs", topic, len(job.table), size, took)
+            log.info("snapshot of %s written: %d keys, %d bytes, in %.2fs", topic, entries, size, took)
 
-    async def _write_topic(self, job: _Job, loop_share: float) -> int:
-        """Encode the entries a chunk of keys at a time on the loop; a thread writes the bytes."""
+    async def _write_topic(self, job: _Job, loop_share: float) -> tuple[int, int]:
+        """Encode the entries a chunk of keys at a time on the loop; a thread writes the bytes.
+        Returns the size and the entries written."""
         topic = job.table.topic
         taken_ms = int(job.taken * 1000)
         probes = _probes(job.table, len(job.positions))
@@ -419,7 +425,7 @@ class Snapshots:
             for writer in writers.values():
                 await _blocking(writer.discard)
             raise
-        return sum(w.size for w in writers.values())
+        return sum(w.size for w in writers.values()), sum(w.entries for w in writers.values())
 
 
 @dataclass
@@ -449,24 +455,27 @@ class _Partition:
         await _blocking(self.writer.append, pieces, entries)
 
 
+class _KeysChanged(Exception):
+    """A key was added to or removed from the table while a write walked its dict."""
+
+
 def _steps(table: StateTable, keys: Sequence[str] | None) -> Iterator[Sequence[str]]:
     """The keys to write, ``CHUNK_KEYS`` at a time (the caller lets the engine run between steps):
     ``keys`` if given, else the table's cached sorted order, else the table's own keys as it goes.
 
     No list of a million keys is made: taking one stops the loop for ~25 ms, and the garbage
     collector scans it again (~25 ms). Iterating the table's dict across steps is safe while no
-    key is added or removed (``key_version``); if one is, the keys are listed then and all written
-    again (those written twice are loaded twice, the later, newer value last).
+    key is added or removed (``key_version``); if one is, ``_KeysChanged`` is raised, and the
+    write starts over from a list of the keys taken then.
     """
     keys = keys if keys is not None else table.cached_order()
     if keys is None:
         version, data = table.key_version, iter(table.data)
-        while table.key_version == version:
-            step = tuple(islice(data, CHUNK_KEYS))
-            if not step:
-                return
+        while step := tuple(islice(data, CHUNK_KEYS)):
             yield step
-        keys = tuple(table.data)
+            if table.key_version != version:
+                raise _KeysChanged()
+        return
     for n in range(0, len(keys), CHUNK_KEYS):
         yield keys[n : n + CHUNK_KEYS]
 
