@@ -3,7 +3,9 @@ and KeyValues reads its segments through either. Pure logic, no broker."""
 
 from __future__ import annotations
 
+import copy
 import gc
+import pickle
 import sys
 import weakref
 from collections.abc import Callable, Iterator, Mapping
@@ -229,3 +231,15 @@ def test_compiled_leaks_no_references() -> None:
         with pytest.raises(DecodeError):
             _ = compiled.KeyValue(topic, key, pack(b"!", 0, 0, 0), codec).value
     assert [sys.getrefcount(o) for o in objects] == before
+
+
+def test_copies_and_pickles_carry_the_state_and_decode_their_own_value(twins: Twins) -> None:
+    """What a plugin that copies what it keeps gets: the same key, value and trailer fields, and
+    a value of its own (decoded again), with the codec shared rather than copied."""
+    kv = twins.KeyValue("t", "k", pack(b'{"a": [1]}', 5, 2, 7), JsonCodec())
+    value = kv.value
+    for other in (copy.copy(kv), copy.deepcopy(kv), pickle.loads(pickle.dumps(kv))):
+        assert type(other) is type(kv)
+        assert (other.topic, other.key, other.raw_value) == (kv.topic, kv.key, kv.raw_value)
+        assert (other.revision, other.partition, other.timestamp) == (5, 2, 7)
+        assert other.value == value and other.value is not value

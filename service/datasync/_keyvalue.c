@@ -119,6 +119,22 @@ static PyObject *kv_repr(KeyValue *self) {
     return PyUnicode_FromFormat("KeyValue(%R, %R, revision=%lld)", self->topic, self->key, offset_of(self));
 }
 
+/* Pickled and copied as its state: the copy decodes its own value on first access. */
+static PyObject *kv_reduce(KeyValue *self, PyObject *unused) {
+    return Py_BuildValue("O(OOOO)", (PyObject *)Py_TYPE(self), self->topic, self->key, self->packed, self->codec);
+}
+
+/* A deep copy shares the codec (configuration, not data) and decodes its own value. */
+static PyObject *kv_deepcopy(KeyValue *self, PyObject *memo) {
+    return keyvalue(self->topic, self->key, self->packed, self->codec);
+}
+
+static PyMethodDef kv_methods[] = {
+    {"__reduce__", (PyCFunction)kv_reduce, METH_NOARGS, NULL},
+    {"__deepcopy__", (PyCFunction)kv_deepcopy, METH_O, NULL},
+    {NULL},
+};
+
 static PyMemberDef kv_members[] = {
     {"topic", T_OBJECT_EX, offsetof(KeyValue, topic), READONLY, NULL},
     {"key", T_OBJECT_EX, offsetof(KeyValue, key), READONLY, NULL},
@@ -146,6 +162,7 @@ static PyTypeObject KeyValueType = {
     .tp_traverse = (traverseproc)kv_traverse,
     .tp_clear = (inquiry)kv_clear,
     .tp_repr = (reprfunc)kv_repr,
+    .tp_methods = kv_methods,
     .tp_members = kv_members,
     .tp_getset = kv_getset,
 };

@@ -74,6 +74,14 @@ class _PyKeyValue:
     def __repr__(self) -> str:
         return f"KeyValue({self.topic!r}, {self.key!r}, revision={self.revision})"
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickled and copied as its state: the copy decodes its own value on first access."""
+        return type(self), (self.topic, self.key, self._packed, self._codec)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _PyKeyValue:
+        """A deep copy shares the codec (configuration, not data) and decodes its own value."""
+        return type(self)(self.topic, self.key, self._packed, self._codec)
+
 
 def _py_keyvalues(topic: str, codec: Codec, keys: list[str], data: Mapping[str, Packed]) -> Iterator[_PyKeyValue]:
     """The KeyValue of each of ``keys``, its state looked up in ``data`` as it goes."""
