@@ -6,7 +6,8 @@
 1. One member holds the whole table (the baseline: its full read, from its own metrics).
 2. Two more join; the three share the 12 partitions.
 3. kill -9 of one member: the time until every partition is owned, read and resynced on the
-   survivors (polled from their /v1/status), against session timeout + a third of the baseline.
+   survivors (polled from their /v1/status), against session timeout + a third of the baseline;
+   three times (a new member replaces the killed one each time), the median reported.
 4. Rolling restart of the three: for each, a new member is started, then the old one gets SIGTERM;
    per partition, the longest stretch no member held it (status polled every 50 ms), against the
    time to read one member's share.
@@ -20,6 +21,7 @@ import json
 import os
 import re
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -35,6 +37,7 @@ from workload import BENCH, ITEM, RESULTS, ROOT, TableLayout
 
 SESSION_MS = 6000  # the broker's smallest (group.min.session.timeout.ms)
 HEARTBEAT_MS = 500  # survivors learn of a rebalance at their next heartbeat: part of every handover
+FAILOVER_ROUNDS = 3  # kill -9 of a member, three times; the median is reported
 POLL_S = 0.05
 
 
@@ -152,17 +155,20 @@ def run(args: argparse.Namespace, bootstrap: str) -> dict[str, Any]:
         results["three_members_shared_s"] = took
         progress(f"three members share the partitions after {took:.2f}s")
 
-        victim = members.pop(1)
-        moved = [p for p, name in held([*members, victim], topic).items() if name == victim.name]
-        killed = time.monotonic()
-        victim.stop(signal.SIGKILL)
-        took = wait_all_held(members, topic, n, 600)
-        target = SESSION_MS / 1000 + full_read / 3
-        results["failover"] = {"moved_partitions": len(moved), "seconds": took, "target_s": target,
-                               "after_session_timeout_s": took - SESSION_MS / 1000}  # fmt: skip
-        progress(f"kill -9: {len(moved)} partitions resynced on the survivors {time.monotonic() - killed:.2f}s later")
-        members.append(Member(workdir, "m1b", bootstrap, group))
-        wait_all_held(members, topic, n, 600)
+        rounds = []
+        for r in range(FAILOVER_ROUNDS):  # one failover's time moves by half a second between runs here
+            victim = members.pop(1)
+            moved = [p for p, name in held([*members, victim], topic).items() if name == victim.name]
+            victim.stop(signal.SIGKILL)
+            took = wait_all_held(members, topic, n, 600)
+            rounds.append({"moved_partitions": len(moved), "seconds": took,
+                           "after_session_timeout_s": took - SESSION_MS / 1000})  # fmt: skip
+            progress(f"kill -9 round {r + 1}: {len(moved)} partitions resynced on the survivors {took:.2f}s later")
+            members.append(Member(workdir, f"k{r}", bootstrap, group))
+            wait_all_held(members, topic, n, 600)
+        median = statistics.median_low(round["seconds"] for round in rounds)
+        results["failover"] = {**next(round for round in rounds if round["seconds"] == median),
+                               "target_s": SESSION_MS / 1000 + full_read / 3, "rounds": rounds}  # fmt: skip
 
         results["rolling_restart"] = rolling_restart(workdir, members, bootstrap, group, topic, n)
         results["share_read_s"] = full_read / 3
@@ -235,7 +241,9 @@ def main() -> int:
     f, r = results["failover"], results["rolling_restart"]
     print(f"one member, full read of {results['keys']:,} keys / {results['partitions']} partitions: "
           f"{results['one_member_full_read_s']:.2f}s")  # fmt: skip
-    print(f"kill -9 of 1 of 3: {f['moved_partitions']} partitions resynced elsewhere after {f['seconds']:.2f}s "
+    each = ", ".join(f"+ {one['after_session_timeout_s']:.2f}s" for one in f["rounds"])
+    print(f"kill -9 of 1 of 3 ({FAILOVER_ROUNDS} times: {each}); median: {f['moved_partitions']} partitions "
+          f"resynced elsewhere after {f['seconds']:.2f}s "
           f"(session timeout {SESSION_MS / 1000:.0f}s + {f['after_session_timeout_s']:.2f}s; "
           f"target <= {f['target_s']:.2f}s: {'PASS' if f['seconds'] <= f['target_s'] else 'MISS'})")  # fmt: skip
     print(f"rolling restart of 3: {r['seconds']:.1f}s; longest a partition was not held: {r['longest_unheld_s']:.2f}s "
