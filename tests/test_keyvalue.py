@@ -160,6 +160,9 @@ def test_keyvalues_of_several_segments(twins: Twins) -> None:
             values[index]
     assert [kv.revision for kv in values[1:4]] == [1, 2, 10]
     assert [kv.key for kv in values[::-2]] == ["p/1", "p/2", "p/0"]
+    everything = [(kv.topic, kv.revision) for kv in values]
+    for cut in (slice(0, 5), slice(2, 4), slice(3, None), slice(-2, None), slice(4, 2), slice(-9, 9), slice(3, 3)):
+        assert [(kv.topic, kv.revision) for kv in values[cut]] == everything[cut], cut
     assert len(api.KeyValues([])) == 0 and list(api.KeyValues([])) == []
     del left["p/1"]  # the table changed under a KeyValues: as data[key] says it
     with pytest.raises(KeyError):

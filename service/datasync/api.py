@@ -126,7 +126,7 @@ class KeyValues(Sequence[KeyValue]):
     def __getitem__(self, index: slice) -> Sequence[KeyValue]: ...
     def __getitem__(self, index: int | slice) -> KeyValue | Sequence[KeyValue]:
         if isinstance(index, slice):
-            return list(self)[index]
+            return self._slice(index)
         if index < 0:
             index += self._len
         if not 0 <= index < self._len:
@@ -139,6 +139,18 @@ class KeyValues(Sequence[KeyValue]):
 
     def __iter__(self) -> Iterator[KeyValue]:
         return chain.from_iterable(starmap(keyvalues, self._segments))  # a Segment is keyvalues' arguments
+
+    def _slice(self, index: slice) -> list[KeyValue]:
+        """Only the KeyValues in the slice are built (a page of a million keys costs a page)."""
+        start, stop, step = index.indices(self._len)
+        if step != 1:
+            return list(self)[index]
+        out: list[KeyValue] = []
+        for topic, codec, keys, data in self._segments:
+            if start < len(keys) and stop > 0:
+                out.extend(keyvalues(topic, codec, keys[max(start, 0) : stop], data))
+            start, stop = start - len(keys), stop - len(keys)
+        return out
 
 
 def resync_values(
