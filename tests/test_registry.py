@@ -461,3 +461,33 @@ async def test_a_start_from_a_snapshot_decodes_registry_values(
         finally:
             await engine.stop()
     assert views == [(expected, "full read"), (expected, "snapshot")]
+
+
+async def test_a_resync_loads_writer_schemas_evicted_since_the_read(
+    bootstrap: str, registry_url: str, topic: str, producer: AIOKafkaProducer, store: SchemaStore, engines: list
+) -> None:
+    """The schema cache is bounded: a schema loaded when its records were read may be gone when a
+    plugin's resync decodes them later. The resync loads it again instead of failing the plugin."""
+    kafka = KafkaSettings(bootstrap_servers=bootstrap)
+    spec = TopicSpec(name=topic, partitions=1, value="registry:shop.Product")
+    await prepare_topics(kafka, [spec], create=True)
+    v1 = serializer(registry_url, PRODUCT_V1, topic)
+    await put_all(producer, topic, [(f"p/{i}", v1({"sku": str(i), "price": float(i)})) for i in range(3)])
+    client = RegistryClient(RegistrySettings(urls=registry_url, cache_size=1))
+    engine = DataSync(kafka, QUICK)
+    engines.append(engine)
+    engine.add_topic(spec, RegistryCodec(client, topic, store.get("shop.Product")))
+    plugin = Recorder("p")
+    engine.watch("p", plugin, {topic: ["p/"]})
+    await engine.start()
+    async with asyncio.timeout(30):
+        await engine.wait_ready()
+    v1_id = int.from_bytes(v1({"sku": "x", "price": 0.0})[1:5], "big")
+    other = serializer(registry_url, PRODUCT, f"{topic}.other")({"sku": "x", "price": 0.0, "currency": "CHF"})
+    await client.load([int.from_bytes(other[1:5], "big")])  # the only cache slot goes to another schema
+    assert isinstance(client.cached(v1_id), str)
+
+    engine.request_plugin_resync("p")
+    async with asyncio.timeout(30):
+        await engine.wait_for(lambda: len(plugin.resyncs) == 2 and engine.status()["p"].state.value == "ready")
+    assert plugin.view == {f"p/{i}": {"sku": str(i), "price": float(i), "currency": "EUR"} for i in range(3)}

@@ -36,7 +36,7 @@ from datasync.applystatus import ApplyStatus
 from datasync.bindings import Bindings, TopicSpec
 from datasync.calls import PluginCalls
 from datasync.codecs import Codec
-from datasync.confluent import prepare_encode
+from datasync.confluent import prepare_decode, prepare_encode
 from datasync.deadletter import DeadLetters
 from datasync.delivery import Deliveries
 from datasync.errors import ConfigError, DecodeError, TopicError
@@ -703,6 +703,9 @@ class DataSync:
                 self._calls.succeeded(reg)
                 return
             # the delta failed: fall back to a full resync, right away
+        for topic, prefixes in reg.watches.items():  # a registry's schema may have left its cache since the read
+            table = self._tables[topic]
+            await prepare_decode(self._codecs[topic], (table.data[k] for p in prefixes for k in table.keys_under(p)))
         values = resync_values(reg.watches, self._tables, self._codecs)
         assert self._reader is not None
         positions = {(tp.topic, tp.partition): n for tp, n in (await self._reader.positions()).items()}
