@@ -56,8 +56,10 @@ from datasync.views import TableView
 
 log = logging.getLogger("datasync")
 
-# Longest wait for records when idle: bounds how long stop() and late registrations wait.
-IDLE_FETCH_MS = 250
+# Longest wait for records when idle: bounds how long stop() and late registrations wait. A
+# SIGTERM'd fleet member leaves its group only after it (0.23 s of a rolling restart's handover at
+# 250 ms); an idle engine stepping ten times a second costs nothing measurable.
+IDLE_FETCH_MS = 100
 PROGRESS_EVERY_S = 10.0  # how often a long table read logs its progress
 
 
