@@ -36,7 +36,7 @@ from datagen import ensure_table
 from workload import BENCH, ITEM, RESULTS, ROOT, TableLayout
 
 SESSION_MS = 6000  # the broker's smallest (group.min.session.timeout.ms)
-HEARTBEAT_MS = 500  # survivors learn of a rebalance at their next heartbeat: part of every handover
+HEARTBEAT_MS = 250  # survivors learn of a rebalance at their next heartbeat: part of every handover
 FAILOVER_ROUNDS = 3  # kill -9 of a member, three times; the median is reported
 POLL_S = 0.05
 
