@@ -119,19 +119,27 @@ static PyObject *kv_repr(KeyValue *self) {
     return PyUnicode_FromFormat("KeyValue(%R, %R, revision=%lld)", self->topic, self->key, offset_of(self));
 }
 
-/* Pickled and copied as its state: the copy decodes its own value on first access. */
-static PyObject *kv_reduce(KeyValue *self, PyObject *unused) {
-    return Py_BuildValue("O(OOOO)", (PyObject *)Py_TYPE(self), self->topic, self->key, self->packed, self->codec);
-}
-
-/* A deep copy shares the codec (configuration, not data) and decodes its own value. */
-static PyObject *kv_deepcopy(KeyValue *self, PyObject *memo) {
+/* A copy (shallow or deep) shares the codec (configuration, not data) and decodes its own value. */
+static PyObject *kv_copy(KeyValue *self, PyObject *unused) {
+    if (self->codec == NULL) { /* cleared by the garbage collector */
+        PyErr_SetString(PyExc_RuntimeError, "KeyValue cleared");
+        return NULL;
+    }
     return keyvalue(self->topic, self->key, self->packed, self->codec);
 }
 
+static PyObject *kv_deepcopy(KeyValue *self, PyObject *memo) { return kv_copy(self, NULL); }
+
+/* Not pickled: it holds its topic's codec, and a registry codec holds credentials. */
+static PyObject *kv_reduce(KeyValue *self, PyObject *unused) {
+    PyErr_SetString(PyExc_TypeError, "a KeyValue is not pickled (it holds its topic's codec): keep kv.key and kv.value");
+    return NULL;
+}
+
 static PyMethodDef kv_methods[] = {
-    {"__reduce__", (PyCFunction)kv_reduce, METH_NOARGS, NULL},
+    {"__copy__", (PyCFunction)kv_copy, METH_NOARGS, NULL},
     {"__deepcopy__", (PyCFunction)kv_deepcopy, METH_O, NULL},
+    {"__reduce__", (PyCFunction)kv_reduce, METH_NOARGS, NULL},
     {NULL},
 };
 

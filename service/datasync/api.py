@@ -74,13 +74,16 @@ class _PyKeyValue:
     def __repr__(self) -> str:
         return f"KeyValue({self.topic!r}, {self.key!r}, revision={self.revision})"
 
-    def __reduce__(self) -> tuple[Any, ...]:
-        """Pickled and copied as its state: the copy decodes its own value on first access."""
-        return type(self), (self.topic, self.key, self._packed, self._codec)
+    def __copy__(self) -> _PyKeyValue:
+        """A copy (shallow or deep) shares the codec (configuration, not data) and decodes its own value."""
+        return type(self)(self.topic, self.key, self._packed, self._codec)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> _PyKeyValue:
-        """A deep copy shares the codec (configuration, not data) and decodes its own value."""
-        return type(self)(self.topic, self.key, self._packed, self._codec)
+        return self.__copy__()
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Not pickled: it holds its topic's codec, and a registry codec holds credentials."""
+        raise TypeError("a KeyValue is not pickled (it holds its topic's codec): keep kv.key and kv.value")
 
 
 def _py_keyvalues(topic: str, codec: Codec, keys: list[str], data: Mapping[str, Packed]) -> Iterator[_PyKeyValue]:
