@@ -36,7 +36,7 @@ from datasync.applystatus import ApplyStatus
 from datasync.bindings import Bindings, TopicSpec
 from datasync.calls import PluginCalls
 from datasync.codecs import Codec
-from datasync.confluent import prepare_decode, prepare_encode
+from datasync.confluent import RegistryCodec, prepare_encode
 from datasync.deadletter import DeadLetters
 from datasync.delivery import Deliveries
 from datasync.errors import ConfigError, DecodeError, TopicError
@@ -47,6 +47,7 @@ from datasync.probe import BrokerProbe
 from datasync.publish import Publisher, Publishing
 from datasync.reader import REBUILD_MAX_RECORDS, Batch, TableReader
 from datasync.registration import Registration, ResyncMode
+from datasync.registry import RegistryError
 from datasync.replay import Replayer
 from datasync.settings import GroupSettings, KafkaSettings, SnapshotSettings, SyncSettings
 from datasync.snapshot import Snapshots
@@ -137,6 +138,7 @@ class DataSync:
         self._wakeup = asyncio.Event()
         self._changed = asyncio.Condition()
         self._remaining: dict[str, int] = {}  # records left per topic while tables are rebuilt
+        self._evictions: dict[str, int] = {}  # per registry-codec topic: its client's evictions when last reloaded
         self.broker_connected = False
         self.generation = 0  # how many times the tables have been rebuilt
         self.rebuilding = False  # tables are being read; they are incomplete until it ends
@@ -705,15 +707,29 @@ class DataSync:
                 self._calls.succeeded(reg)
                 return
             # the delta failed: fall back to a full resync, right away
-        for topic, prefixes in reg.watches.items():  # a registry's schema may have left its cache since the read
-            table = self._tables[topic]
-            await prepare_decode(self._codecs[topic], (table.data[k] for p in prefixes for k in table.keys_under(p)))
+        await self._reload_evicted_schemas(reg)
         values = resync_values(reg.watches, self._tables, self._codecs)
         assert self._reader is not None
         positions = {(tp.topic, tp.partition): n for tp, n in (await self._reader.positions()).items()}
         watched = {key: n for key, n in positions.items()
                    if key[0] in reg.watches and (self._fleet is None or self._fleet.owns(*key))}  # fmt: skip
         await self._calls.resync(reg, ResyncEvent(values, watched))
+
+    async def _reload_evicted_schemas(self, reg: Registration) -> None:
+        """A registry's bounded cache may have dropped the writer schema of a value read earlier: if
+        it dropped any since the last look, load those of the values this resync hands out. Not
+        waiting for a registry that is away: then the plugin fails to decode and is retried."""
+        for topic, prefixes in reg.watches.items():
+            codec, table = self._codecs[topic], self._tables[topic]
+            if not isinstance(codec, RegistryCodec) or codec.client.evictions == self._evictions.get(topic, 0):
+                continue
+            evictions = codec.client.evictions
+            try:
+                await codec.prepare_decode((table.data[k] for p in prefixes for k in table.keys_under(p)), retry=False)
+            except RegistryError as exc:
+                log.warning("plugin %s: writer schemas of %s not reloaded: %s", reg.name, topic, exc)
+            else:
+                self._evictions[topic] = evictions
 
     def _differences(self, reg: Registration, base: dict[str, StateTable]) -> list[Change]:
         """The changes that turn the plugin's old view into the rebuilt tables, sorted by key."""

@@ -90,6 +90,7 @@ class RegistryClient:
         self.settings = settings
         self._urls = settings.url_list
         self._cache: OrderedDict[int, WriterSchema | _Missing] = OrderedDict()
+        self.evictions = 0  # schemas dropped from the cache so far (a value read before may need one again)
         self._ids: dict[tuple[str, str], int] = {}  # (subject, schema text) -> id, for writing
         self._ssl: ssl.SSLContext | None = None
         if settings.ca_file is not None:
@@ -129,6 +130,7 @@ class RegistryClient:
         self._cache.move_to_end(schema_id)
         while len(self._cache) > self.settings.cache_size:
             self._cache.popitem(last=False)
+            self.evictions += 1
 
     async def _fetch(self, session: aiohttp.ClientSession, schema_id: int) -> WriterSchema | _Missing:
         try:
