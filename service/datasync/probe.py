@@ -33,9 +33,10 @@ class BrokerProbe:
             # aiokafka times its requests out itself, within ours: cancelled from outside during its
             # bootstrap, aiokafka 0.14 leaves the bootstrap connection open ("Unclosed
             # AIOKafkaConnection" when it is garbage collected); its own time-out closes it. Its
-            # bootstrap tries each server in turn (connect, then metadata), then we ask once more.
+            # bootstrap tries each server in turn (connect, version lookup, metadata, each timed),
+            # then we ask once more (which may connect to another broker): ours is a backstop.
             hosts = len(self._kafka.bootstrap_servers.split(","))
-            async with asyncio.timeout((2 * hosts + 1) * self._timeout_s):
+            async with asyncio.timeout((3 * hosts + 3) * self._timeout_s):
                 if self._admin is None:
                     options = {**self._kafka.client_options(), "request_timeout_ms": int(self._timeout_s * 1000)}
                     self._admin = AIOKafkaAdminClient(**options)

@@ -419,6 +419,7 @@ class Snapshots:
                 if TopicPartition(topic, p) not in self._since:  # forgotten meanwhile: its keys may be gone
                     log.info("snapshot of %s/%d not written: the partition changed owner meanwhile", topic, p)
                     await _blocking(target.writer.discard)
+                    del writers[p]
                     continue
                 await _blocking(target.writer.finish)
         except BaseException:
@@ -473,6 +474,8 @@ def _steps(table: StateTable, keys: Sequence[str] | None) -> Iterator[Sequence[s
         version, data = table.key_version, iter(table.data)
         while step := tuple(islice(data, CHUNK_KEYS)):
             yield step
+            if len(step) < CHUNK_KEYS:
+                return  # that was the last: later changes are replayed from the positions anyway
             if table.key_version != version:
                 raise _KeysChanged()
         return
