@@ -18,6 +18,7 @@ MAX_P99_MS = 50.0  # at 5,000 records/s
 MEMORY_FACTOR, MEMORY_PER_KEY = 2.0, 200.0  # bytes/key <= 2 x raw key+value bytes + 200
 MIN_RESTART_SPEEDUP = 10.0  # full rebuild time / restart-from-snapshot time
 MAX_SNAPSHOT_P99_MS = 10.0  # at 5,000 records/s while a snapshot is written
+MIN_WRITING_SHARE = 0.9  # of the latency window, a snapshot write running (writes run back to back)
 
 
 @dataclass
@@ -121,7 +122,7 @@ def restart_rows(restart: dict[str, Any]) -> list[Row]:
     rss = f"{snap['rss_after'] / mib:,.0f} MiB vs {full['rss_after'] / mib:,.0f} MiB"
     quiet, busy = restart["latency_without_snapshots"], restart["latency_while_writing"]
     lat = f"p50 {busy['p50_ms']:.1f} ms, p99 {busy['p99_ms']:.1f} ms"
-    writing = busy["writing_at_start"] and busy["writing_at_end"]
+    writing = busy["writing_share"] >= MIN_WRITING_SHARE
     return [
         Row(where, times, f">= {MIN_RESTART_SPEEDUP:.0f}x faster", restart["speedup"] >= MIN_RESTART_SPEEDUP),
         Row("  table equal to the full rebuild's", "yes" if equal else "NO", "equal", equal),
@@ -136,7 +137,12 @@ def restart_rows(restart: dict[str, Any]) -> list[Row]:
             f"p99 <= {MAX_SNAPSHOT_P99_MS:.0f} ms",
             writing and busy["p99_ms"] <= MAX_SNAPSHOT_P99_MS,
         ),
-        Row("  a write ran at the window's start and end", "yes" if writing else "NO"),
+        Row(
+            "  share of the window with a write running",
+            f"{busy['writing_share']:.0%}",
+            f">= {MIN_WRITING_SHARE:.0%}",
+            writing,
+        ),
         Row("  p99 of each window", ", ".join(f"{p:.1f} ms" for p in busy["p99s_ms"])),
         Row("  same, no snapshots", f"p50 {quiet['p50_ms']:.1f} ms, p99 {quiet['p99_ms']:.1f} ms"),
         Row("  p99 of each window", ", ".join(f"{p:.1f} ms" for p in quiet["p99s_ms"])),

@@ -129,9 +129,18 @@ async def latency_while_writing(
         async with asyncio.timeout(TIMEOUT_S):
             await engine.wait_ready()
         snapshots = engine._snapshots
-        writing_at_start = snapshots is not None and snapshots.writing
-        lat = await latency(engine, bootstrap, live, plugin, rate, seconds)
-        writing_at_end = snapshots is not None and snapshots.writing
+        samples: list[bool] = []
+
+        async def sample_writing() -> None:  # how much of the window a write was running
+            while True:
+                samples.append(snapshots is not None and snapshots.writing)
+                await asyncio.sleep(0.01)
+
+        sampler = asyncio.create_task(sample_writing())
+        try:
+            lat = await latency(engine, bootstrap, live, plugin, rate, seconds)
+        finally:
+            sampler.cancel()
         last_write = writes._value.get()
     finally:
         await engine.stop()
@@ -145,8 +154,7 @@ async def latency_while_writing(
         "p99_ms": pct[98],
         "max_ms": max(lat),
         "last_snapshot_write_s": last_write if state is not None else None,
-        "writing_at_start": writing_at_start,  # a snapshot write was running when the window began
-        "writing_at_end": writing_at_end,  # ...and when it ended (writes run back to back)
+        "writing_share": sum(samples) / max(1, len(samples)),  # of the window, sampled every 10 ms
     }
 
 
