@@ -17,7 +17,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaProducer
 
-from localkafka import free_port
+from localkafka import free_port, terminate
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -87,12 +87,7 @@ class Member:
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGCONT)  # in case a test left it stopped
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        terminate(self.process)
 
 
 def stable(member: Member) -> dict[str, Any] | None:

@@ -78,6 +78,26 @@ async def subjects(registry_url: str) -> list[str]:
         return list(await response.json())
 
 
+async def started(
+    engines: list[DataSync],
+    kafka: KafkaSettings,
+    spec: TopicSpec,
+    client: RegistryClient,
+    store: SchemaStore,
+    prefix: str,
+) -> tuple[DataSync, Recorder]:
+    """An engine reading ``spec`` through ``client`` into one recording plugin watching ``prefix``, ready."""
+    engine = DataSync(kafka, QUICK)
+    engines.append(engine)
+    engine.add_topic(spec, RegistryCodec(client, spec.name, store.get("shop.Product")))
+    plugin = Recorder("p")
+    engine.watch("p", plugin, {spec.name: [prefix]})
+    await engine.start()
+    async with asyncio.timeout(30):
+        await engine.wait_ready()
+    return engine, plugin
+
+
 def bad(engine: DataSync, topic: str) -> float:
     return float(engine.metrics.bad_records.labels(topic, "undecodable value")._value.get())
 
@@ -98,15 +118,7 @@ async def test_reads_what_the_confluent_serializer_writes(
         ("p/bad-body", one[:5] + b"\xff\xff\xff", 1),
         ("p/not-confluent", b"\xc3\x01 single-object encoding", 0),
     ])  # fmt: skip
-    client = RegistryClient(RegistrySettings(urls=registry_url))
-    engine = DataSync(kafka, QUICK)
-    engines.append(engine)
-    engine.add_topic(spec, RegistryCodec(client, topic, store.get("shop.Product")))
-    plugin = Recorder("p")
-    engine.watch("p", plugin, {topic: [""]})
-    await engine.start()
-    async with asyncio.timeout(30):
-        await engine.wait_ready()
+    engine, plugin = await started(engines, kafka, spec, RegistryClient(RegistrySettings(urls=registry_url)), store, "")
     # v1 records resolved to the reader schema: the field v1 lacks gets its default
     assert plugin.view == {"p/1": {"sku": "a", "price": 1.5, "currency": "EUR"},
                            "p/2": {"sku": "b", "price": 2.0, "currency": "EUR"}}  # fmt: skip
@@ -474,14 +486,7 @@ async def test_a_resync_loads_writer_schemas_evicted_since_the_read(
     v1 = serializer(registry_url, PRODUCT_V1, topic)
     await put_all(producer, topic, [(f"p/{i}", v1({"sku": str(i), "price": float(i)})) for i in range(3)])
     client = RegistryClient(RegistrySettings(urls=registry_url, cache_size=1))
-    engine = DataSync(kafka, QUICK)
-    engines.append(engine)
-    engine.add_topic(spec, RegistryCodec(client, topic, store.get("shop.Product")))
-    plugin = Recorder("p")
-    engine.watch("p", plugin, {topic: ["p/"]})
-    await engine.start()
-    async with asyncio.timeout(30):
-        await engine.wait_ready()
+    engine, plugin = await started(engines, kafka, spec, client, store, "p/")
     v1_id = int.from_bytes(v1({"sku": "x", "price": 0.0})[1:5], "big")
     other = serializer(registry_url, PRODUCT, f"{topic}.other")({"sku": "x", "price": 0.0, "currency": "CHF"})
     await client.load([int.from_bytes(other[1:5], "big")])  # the only cache slot goes to another schema

@@ -34,6 +34,8 @@ from pathlib import Path
 
 import yaml
 
+from localkafka import terminate
+
 ROOT = Path(__file__).resolve().parent.parent
 HERE = Path(__file__).resolve().parent / "containers"
 CACHE = Path(os.environ.get("DATASYNC_KAFKA_CACHE", Path.home() / ".cache" / "datasync")) / "containers"
@@ -111,13 +113,7 @@ def engine(workdir: Path, timeout: float = 60.0) -> Iterator[None]:
         log(f"started dockerd (pid {proc.pid}, log {log_path})")
         yield
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        terminate(proc, timeout=60)
         if not had_bridge and shutil.which("ip"):
             subprocess.run(["ip", "link", "delete", "docker0"], check=False, stderr=subprocess.DEVNULL)
         log("stopped dockerd")

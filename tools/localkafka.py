@@ -65,6 +65,18 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def terminate(process: subprocess.Popen[bytes] | None, timeout: float = 30) -> None:
+    """SIGTERM ``process`` (if still running) and wait; SIGKILL it if it is not gone within ``timeout``."""
+    if process is None or process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 class LocalBroker:
     """Start with ``start()``, stop with ``stop()``; ``bootstrap`` is the address to use.
 
@@ -251,13 +263,7 @@ class LocalBroker:
 
     def stop(self, keep_data: bool = False) -> None:
         """Stop the broker; with ``keep_data`` a later ``start()`` brings the same broker back."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        terminate(self.process)
         self.process = None
         if not keep_data:
             shutil.rmtree(self.workdir, ignore_errors=True)
