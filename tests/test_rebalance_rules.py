@@ -35,8 +35,8 @@ def test_an_interrupted_handover_is_finished_even_if_the_next_assignment_is_what
 
 
 def test_a_partitioned_table_is_not_read_over_http_while_its_partitions_move() -> None:
-    """Between an assignment and the end of the read of the gained partitions, the table lacks
-    keys this member owns: key reads answer 503 (retry) rather than a wrong 404."""
+    """From a revocation to the end of the read of the gained partitions, the table lacks keys
+    this member is about to own: key reads answer 503 (retry) rather than a wrong 404."""
     topics = {"a": TopicSpec(name="a", partitions=4, value="string", sharding="partitioned"),
               "r": TopicSpec(name="r", partitions=4, value="string")}  # fmt: skip
     fleet = Fleet(KafkaSettings(), GroupSettings(id="g"), topics, Metrics(), lambda: None)
@@ -44,10 +44,14 @@ def test_a_partitioned_table_is_not_read_over_http_while_its_partitions_move() -
                              table=lambda t: f"table {t}")  # fmt: skip
     fleet.held = fleet.slots = frozenset({0, 1})
     assert readable_table(engine, "a") == ("table a", "codec")
-    fleet.slots = frozenset({0, 1, 2})  # assigned; partition 2 not read yet
-    answer = readable_table(engine, "a")
-    assert isinstance(answer, web.Response) and answer.status == 503 and b"moving" in answer.body
-    assert readable_table(engine, "r") == ("table r", "codec")  # replicated: every partition is read
+    fleet.revoking = True  # revoked, the next assignment not known yet
+    for moment in ("revoked", "assigned"):
+        answer = readable_table(engine, "a")
+        assert isinstance(answer, web.Response) and answer.status == 503 and b"moving" in answer.body, moment
+        assert readable_table(engine, "r") == ("table r", "codec")  # replicated: every partition is read
+        fleet.revoking, fleet.slots = False, frozenset({0, 1, 2})  # assigned; partition 2 not read yet
+    fleet.held = fleet.slots  # read
+    assert readable_table(engine, "a") == ("table a", "codec")
 
 
 class Slow:

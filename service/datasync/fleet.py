@@ -202,8 +202,9 @@ class Fleet:
         return (partition % self._counts[self.anchor]) in held
 
     def handing_over(self, topic: str) -> bool:
-        """Partitions of ``topic`` are being handed over: its table may lack keys this member will own."""
-        return self.moved and topic in self._partitioned
+        """Partitions of ``topic`` are being handed over (revoked and not yet assigned, or assigned and
+        not yet read): its table may lack keys this member will own."""
+        return (self.revoking or self.moved) and topic in self._partitioned
 
     def holds(self, topic: str, partition: int) -> bool:
         """Whether this member's table of ``topic`` has the keys of ``partition`` (replicated: all)."""
