@@ -475,24 +475,73 @@ async def test_a_start_from_a_snapshot_decodes_registry_values(
     assert views == [(expected, "full read"), (expected, "snapshot")]
 
 
+async def v1_products(
+    kafka: KafkaSettings,
+    registry_url: str,
+    topic: str,
+    producer: AIOKafkaProducer,
+    store: SchemaStore,
+    engines: list[DataSync],
+    cache_size: int,
+) -> tuple[DataSync, Recorder, RegistryClient, int]:
+    """Three products written with schema v1, read by an engine whose schema cache holds
+    ``cache_size`` schemas (ready); and v1's id."""
+    spec = TopicSpec(name=topic, partitions=1, value="registry:shop.Product")
+    await prepare_topics(kafka, [spec], create=True)
+    v1 = serializer(registry_url, PRODUCT_V1, topic)
+    await put_all(producer, topic, [(f"p/{i}", v1({"sku": str(i), "price": float(i)})) for i in range(3)])
+    client = RegistryClient(RegistrySettings(urls=registry_url, cache_size=cache_size))
+    engine, plugin = await started(engines, kafka, spec, client, store, "p/")
+    return engine, plugin, client, int.from_bytes(v1({"sku": "x", "price": 0.0})[1:5], "big")
+
+
+async def evict(client: RegistryClient, registry_url: str, topic: str, schema_id: int) -> None:
+    """Fill every slot of the client's cache with other schemas: ``schema_id`` is evicted."""
+    others = [
+        serializer(registry_url, {**PRODUCT, "name": f"Other{n}"}, f"{topic}.other{n}")({"sku": "x", "price": 0.0})
+        for n in range(client.settings.cache_size)
+    ]
+    await client.load([int.from_bytes(raw[1:5], "big") for raw in others])
+    assert isinstance(client.cached(schema_id), str)
+
+
 async def test_a_resync_loads_writer_schemas_evicted_since_the_read(
     bootstrap: str, registry_url: str, topic: str, producer: AIOKafkaProducer, store: SchemaStore, engines: list
 ) -> None:
     """The schema cache is bounded: a schema loaded when its records were read may be gone when a
     plugin's resync decodes them later. The resync loads it again instead of failing the plugin."""
     kafka = KafkaSettings(bootstrap_servers=bootstrap)
-    spec = TopicSpec(name=topic, partitions=1, value="registry:shop.Product")
-    await prepare_topics(kafka, [spec], create=True)
-    v1 = serializer(registry_url, PRODUCT_V1, topic)
-    await put_all(producer, topic, [(f"p/{i}", v1({"sku": str(i), "price": float(i)})) for i in range(3)])
-    client = RegistryClient(RegistrySettings(urls=registry_url, cache_size=1))
-    engine, plugin = await started(engines, kafka, spec, client, store, "p/")
-    v1_id = int.from_bytes(v1({"sku": "x", "price": 0.0})[1:5], "big")
-    other = serializer(registry_url, PRODUCT, f"{topic}.other")({"sku": "x", "price": 0.0, "currency": "CHF"})
-    await client.load([int.from_bytes(other[1:5], "big")])  # the only cache slot goes to another schema
-    assert isinstance(client.cached(v1_id), str)
+    engine, plugin, client, v1_id = await v1_products(kafka, registry_url, topic, producer, store, engines, 1)
+    await evict(client, registry_url, topic, v1_id)
 
     engine.request_plugin_resync("p")
     async with asyncio.timeout(30):
         await engine.wait_for(lambda: len(plugin.resyncs) == 2 and engine.status()["p"].state.value == "ready")
     assert plugin.view == {f"p/{i}": {"sku": str(i), "price": float(i), "currency": "EUR"} for i in range(3)}
+
+
+async def test_changes_and_key_reads_load_writer_schemas_evicted_since_the_read(
+    bootstrap: str, registry_url: str, topic: str, producer: AIOKafkaProducer, store: SchemaStore, engines: list
+) -> None:
+    """A change carries the previous value and an HTTP read returns the current one, both read
+    earlier: if the bounded cache dropped their schema since, it is loaded again."""
+    kafka = KafkaSettings(bootstrap_servers=bootstrap)
+    engine, plugin, client, v1_id = await v1_products(kafka, registry_url, topic, producer, store, engines, 2)
+    await evict(client, registry_url, topic, v1_id)
+    http = HttpServer(engine, HttpSettings(port=0))
+    await http.start()
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"http://127.0.0.1:{http.port}/v1/topics/{topic}/keys/p/1") as response:
+                assert response.status == 200, await response.text()
+                assert (await response.json())["value"] == {"sku": "1", "price": 1.0, "currency": "EUR"}
+    finally:
+        await http.stop()
+
+    await evict(client, registry_url, topic, v1_id)
+    v2 = serializer(registry_url, PRODUCT, topic)
+    await put_all(producer, topic, [("p/0", v2({"sku": "0", "price": 9.0, "currency": "CHF"}))])
+    async with asyncio.timeout(30):
+        await engine.wait_for(lambda: len(plugin.changes) == 1)
+    assert plugin.changes[0].prev_value == {"sku": "0", "price": 0.0, "currency": "EUR"}
+    assert plugin.stale_prev == [] and engine.status()["p"].state.value == "ready"

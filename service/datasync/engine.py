@@ -759,7 +759,7 @@ class DataSync:
         """Fold a fetched batch into the tables and deliver its changes in plugin order."""
         assert self._ingest is not None and self._dead_letters is not None
         ingest = self._ingest
-        await ingest.prepare(batch)
+        await ingest.prepare(batch, self._tables)
         ready = [r for r in self._registrations if r.status.state is PluginState.READY]
         outbox: dict[Registration, list[Change]] = {r: [] for r in ready}
         self._seq += 1

@@ -27,7 +27,7 @@ from datasync import avrowalk
 from datasync.api import Change
 from datasync.bindings import TopicSpec
 from datasync.codecs import AvroCodec, Codec
-from datasync.confluent import prepare_decode
+from datasync.confluent import RegistryCodec, prepare_decode
 from datasync.metrics import Metrics
 from datasync.table import StateTable, pack, same_value
 
@@ -55,10 +55,20 @@ class Ingest:
         self._interning = False
         self.rejected: list[Rejected] = []
 
-    async def prepare(self, batch: Mapping[TopicPartition, list[Record]]) -> None:
-        """Before folding: let codecs load what decoding needs (registry schemas), waiting if it is away."""
+    async def prepare(
+        self, batch: Mapping[TopicPartition, list[Record]], tables: Mapping[str, StateTable] | None = None
+    ) -> None:
+        """Before folding: let codecs load what decoding needs (registry schemas), waiting if it is away.
+
+        With ``tables`` (changes are made), also the schemas of the values the records replace: a
+        change carries the previous value, whose schema a bounded cache may have dropped since.
+        """
         for tp, records in batch.items():
-            await prepare_decode(self._codecs[tp.topic], (record.value for record in records))
+            codec = self._codecs[tp.topic]
+            await prepare_decode(codec, (record.value for record in records))
+            if tables is not None and isinstance(codec, RegistryCodec) and codec.client.evictions:
+                data = tables[tp.topic].data
+                await codec.prepare_decode(data.get(r.key.decode(errors="replace")) for r in records if r.key)
 
     @property
     def interning(self) -> bool:

@@ -22,7 +22,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from datasync.confluent import prepare_encode
+from datasync.confluent import RegistryCodec, prepare_encode
 from datasync.engine import DataSync
 from datasync.errors import DecodeError, EncodeError
 from datasync.httpauth import read_refused, refusal
@@ -79,8 +79,10 @@ async def get_key(request: web.Request) -> web.Response:
     if entry is None:
         return _error(404, f"no key {key!r} in {topic!r}")
     try:
+        if isinstance(codec, RegistryCodec):  # its schema may have left the bounded cache since the read
+            await codec.prepare_decode([entry.value], retry=False)
         value = codec.decode(entry.value)
-    except DecodeError as exc:  # a registry schema evicted from the cache
+    except (DecodeError, RegistryError) as exc:  # the registry is away
         return _error(503, f"the value cannot be decoded now: {exc}")
     if isinstance(value, bytes):
         return _error(406, "the value is raw bytes; use `datasync dump`")
