@@ -117,10 +117,11 @@ class KeyCounter(Plugin):
     def __init__(self) -> None:
         self.keys = 0
         self.changes = 0
-        self.finished_at = self.finished_cpu = 0.0
+        self.started_at = self.finished_at = self.finished_cpu = 0.0
         self.done = asyncio.Event()
 
     async def resync(self, event: ResyncEvent) -> None:
+        self.started_at = time.perf_counter()
         n = 0
         for items in event.values.values():
             for kv in items:
@@ -138,6 +139,7 @@ class ValueReader(KeyCounter):
     """A plugin whose resync reads (decodes) every value, as most real plugins do."""
 
     async def resync(self, event: ResyncEvent) -> None:
+        self.started_at = time.perf_counter()
         n = 0
         for items in event.values.values():
             for kv in items:

@@ -134,6 +134,9 @@ async def test_snapshot_and_catch_up_equal_a_full_read_after_deletes_overwrites_
     from_snapshot = await table_after(restarted, topic)
     assert loaded_from(restarted, topic) == {"0": "snapshot", "1": "snapshot", "2": "snapshot"}
     assert restarted.metrics.snapshot_partitions_loaded.labels(topic)._value.get() == 3
+    load_s = restarted.metrics.snapshot_load_seconds.labels(topic)._value.get()
+    assert restarted._snapshots is not None
+    assert 0 < load_s == pytest.approx(restarted._snapshots.describe(topic)["seconds"], abs=1e-3)
     full = await table_after(engines(topic, None, COMPACT_SOON), topic)
     assert from_snapshot == full  # byte for byte: values, offsets, timestamps, partitions
     assert from_snapshot != before and any(k.startswith("new") for k in full)

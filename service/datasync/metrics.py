@@ -92,6 +92,12 @@ class Metrics:
             ["topic"],
             registry=r,
         )
+        self.snapshot_load_seconds = Gauge(
+            "datasync_snapshot_load_seconds",
+            "Time the last table rebuild spent loading snapshot files (checksums included)",
+            ["topic"],
+            registry=r,
+        )
         self.snapshot_rejected = Counter(
             "datasync_snapshot_rejected", "Snapshots found but not used, by reason", ["topic", "reason"], registry=r
         )

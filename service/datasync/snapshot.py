@@ -152,6 +152,7 @@ class Snapshots:
             headers, rejected = await self.check_partitions(reader.consumer, reader.partitions, reader.counts, ends)
             for topic, table in tables.items():
                 owned = sorted((tp for tp in reader.partitions if tp.topic == topic), key=lambda tp: tp.partition)
+                loading = time.perf_counter()
                 for tp in owned:
                     if tp not in headers:
                         continue
@@ -168,7 +169,7 @@ class Snapshots:
                 loaded = [tp for tp in owned if tp not in rejected]
                 for tp in loaded:
                     reader.consumer.seek(tp, headers[tp].position)
-                self._report(topic, table, owned, headers, rejected)
+                self._report(topic, table, owned, headers, rejected, time.perf_counter() - loading)
         finally:
             reader.consumer.resume(*reader.partitions)
 
@@ -243,8 +244,10 @@ class Snapshots:
         owned: list[TopicPartition],
         headers: dict[TopicPartition, Header],
         rejected: dict[TopicPartition, SnapshotError],
+        seconds: float,
     ) -> None:
-        """One log line per snapshot not used, one for the table; status and metrics."""
+        """One log line per snapshot not used, one for the table; status and metrics. ``seconds``:
+        how long loading the files took (checksums included)."""
         states: dict[str, Any] = {}
         for tp in owned:
             error = rejected.get(tp)
@@ -261,11 +264,12 @@ class Snapshots:
         used = sum(1 for state in states.values() if state["from"] == "snapshot")
         if used:
             table.keys_changed()
-            log.info("table %s: %d of %d partitions loaded from snapshots (%d keys), reading on from there",
-                     topic, used, len(states), len(table))  # fmt: skip
+            log.info("table %s: %d of %d partitions loaded from snapshots (%d keys) in %.2fs, reading on from there",
+                     topic, used, len(states), len(table), seconds)  # fmt: skip
         source = "snapshot" if used == len(states) else "full read" if not used else "snapshot and full read"
-        self.loaded[topic] = {"from": source, "partitions": states}
+        self.loaded[topic] = {"from": source, "partitions": states, "seconds": round(seconds, 3)}
         self._metrics.snapshot_partitions_loaded.labels(topic).set(used)
+        self._metrics.snapshot_load_seconds.labels(topic).set(seconds)
 
     def _discard_unfinished(self, topic: str) -> None:
         """Remove temporary files a killed process left (a write that never finished)."""
