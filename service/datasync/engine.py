@@ -39,6 +39,7 @@ from datasync.codecs import Codec
 from datasync.confluent import RegistryCodec, prepare_encode
 from datasync.deadletter import DeadLetters
 from datasync.delivery import Deliveries
+from datasync.delta import differences
 from datasync.errors import ConfigError, DecodeError, TopicError
 from datasync.fleet import Fleet, Rebalancing
 from datasync.ingest import Ingest
@@ -52,7 +53,7 @@ from datasync.replay import Replayer
 from datasync.settings import GroupSettings, KafkaSettings, SnapshotSettings, SyncSettings
 from datasync.snapshot import Snapshots
 from datasync.status import PluginState, PluginStatus
-from datasync.table import Entry, StateTable, same_value, value_of
+from datasync.table import StateTable
 from datasync.views import TableView
 
 log = logging.getLogger("datasync")
@@ -695,9 +696,10 @@ class DataSync:
             reg.started = True
         if reg.delta_base is not None or reg.handover is not None:
             base, reg.delta_base = reg.delta_base, None
-            changes: list[Change] | None
+            changes: list[Change] | None = reg.handover or []
             try:
-                changes = self._differences(reg, base) if base is not None else reg.handover or []
+                if base is not None:
+                    changes = differences(reg.watches, base, self._tables, self._codecs, self._holds)
             except DecodeError as exc:  # a writer schema not loaded (any more): the plugin decodes a resync
                 log.warning("plugin %s: delta not decodable (%s): full resync", reg.name, exc)
                 changes = None
@@ -715,6 +717,10 @@ class DataSync:
                    if key[0] in reg.watches and (self._fleet is None or self._fleet.owns(*key))}  # fmt: skip
         await self._calls.resync(reg, ResyncEvent(values, watched))
 
+    def _holds(self, topic: str, partition: int) -> bool:
+        """Whether the tables hold ``topic/partition`` (in a fleet, partitions move away)."""
+        return self._fleet is None or self._fleet.holds(topic, partition)
+
     async def _reload_evicted_schemas(self, reg: Registration) -> None:
         """A registry's bounded cache may have dropped the writer schema of a value read earlier: if
         it dropped any since the last look, load those of the values this resync hands out. Not
@@ -730,28 +736,6 @@ class DataSync:
                 log.warning("plugin %s: writer schemas of %s not reloaded: %s", reg.name, topic, exc)
             else:
                 self._evictions[topic] = evictions
-
-    def _differences(self, reg: Registration, base: dict[str, StateTable]) -> list[Change]:
-        """The changes that turn the plugin's old view into the rebuilt tables, sorted by key."""
-        changes: list[Change] = []
-        for topic, prefixes in reg.watches.items():
-            codec, new = self._codecs[topic], self._tables[topic]
-            old_items = {k: e for p in prefixes for k, e in base[topic].under(p)}
-            new_items = {k: e for p in prefixes for k, e in new.under(p)}
-            for key in sorted(old_items.keys() | new_items.keys()):
-                before, after = old_items.get(key), new_items.get(key)
-                if after is None:
-                    assert before is not None
-                    # the tombstone itself may be compacted away: the revision is the last one seen
-                    was = Entry.unpack(before)
-                    gone = self._fleet is not None and not self._fleet.holds(topic, was.partition)  # moved away
-                    changes.append(Change(topic, "release" if gone else "delete", key, None, before, was.offset,
-                                          was.partition, was.timestamp, codec))  # fmt: skip
-                elif before is None or not same_value(before, value_of(after)):
-                    now = Entry.unpack(after)
-                    changes.append(Change(topic, "put", key, codec.decode(now.value), before, now.offset,
-                                          now.partition, now.timestamp, codec))  # fmt: skip
-        return changes
 
     # -- incremental changes --------------------------------------------------
 
