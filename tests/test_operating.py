@@ -200,6 +200,41 @@ def test_cli_commands(project: Path, bootstrap: str, topic: str) -> None:
         assert cli(project, bootstrap, *command).returncode == 0
 
 
+async def test_dead_letter_topics_are_created_and_checked_and_dump_writes_none(
+    project: Path, bootstrap: str, topic: str, producer: AIOKafkaProducer
+) -> None:
+    """`topics create` and `check --broker` cover the dead-letter topics `run` would create; `dump`
+    only reads: it copies no rejected record there."""
+    dead = f"{topic}.dead"
+    yaml_path = project / "topics" / "t.yaml"
+    yaml_path.write_text(yaml_path.read_text().replace("partitions: 2,", f"partitions: 2, dead_letter: {dead},"))
+    checked = cli(project, bootstrap, "check", "--broker")
+    assert checked.returncode == 1 and f"dead-letter topic {dead}: does not exist" in checked.stdout
+    created = cli(project, bootstrap, "topics", "create")
+    assert created.returncode == 0 and f"{dead}: created" in created.stdout
+    assert cli(project, bootstrap, "check", "--broker").stdout.endswith("broker OK\n")
+    await put_all(producer, topic, [("bad", b"not avro", 0)])
+    dumped = cli(project, bootstrap, "dump", topic)
+    assert dumped.returncode == 0 and dumped.stdout == "", dumped.stderr
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
+    await consumer.start()
+    try:
+        assert await consumer.end_offsets([TopicPartition(dead, 0)]) == {TopicPartition(dead, 0): 0}
+    finally:
+        await consumer.stop()
+
+
+def test_a_topic_the_broker_refuses_to_create_is_one_line_and_exit_2(project: Path, bootstrap: str, topic: str) -> None:
+    """The broker's reason (here an unknown topic config), not an endless "unreachable" retry."""
+    yaml_path = project / "topics" / "t.yaml"
+    yaml_path.write_text(yaml_path.read_text().replace("partitions: 2,", "partitions: 2, config: {bogus.setting: x},"))
+    for command in (["topics", "create"], ["run"]):
+        result = cli(project, bootstrap, *command, timeout=30)
+        assert result.returncode == 2, result.stderr
+        line = f"datasync: broker: cannot create topic {topic}: Unknown topic config name: bogus.setting"
+        assert result.stderr.splitlines()[-1] == line and "Traceback" not in result.stderr
+
+
 def test_run_refuses_a_delete_policy_topic_for_a_compacted_binding(project: Path, bootstrap: str, topic: str) -> None:
     yaml_path = project / "topics" / "t.yaml"
     yaml_path.write_text(yaml_path.read_text().replace("partitions: 2,", "partitions: 2, compacted: false,"))

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
-from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.errors import TopicAlreadyExistsError, for_code
 
 from datasync.bindings import TopicSpec
-from datasync.errors import TopicError
+from datasync.errors import ConfigError, TopicError
 from datasync.settings import KafkaSettings
 
 log = logging.getLogger(__name__)
@@ -19,6 +20,14 @@ UNKNOWN_TOPIC = 3  # Kafka error code UNKNOWN_TOPIC_OR_PARTITION
 # The one mismatch the service refuses to run with: old values would never be compacted away.
 COMPACTED_ON_DELETE = " (a state topic must be compacted)"
 DOES_NOT_EXIST = ": does not exist"
+
+
+def dead_letter_topics(specs: list[TopicSpec]) -> list[TopicSpec]:
+    """The dead-letter topics ``specs`` name (compacted, one partition), which the service
+    creates like the declared ones."""
+    declared = {s.name for s in specs}
+    dead = sorted({s.dead_letter for s in specs if s.dead_letter and s.dead_letter not in declared})
+    return [TopicSpec(name=name, partitions=1, compacted=True) for name in dead]
 
 
 def topic_configs(spec: TopicSpec) -> dict[str, str]:
@@ -45,10 +54,7 @@ async def prepare_topics(kafka: KafkaSettings, specs: list[TopicSpec], create: b
                 NewTopic(s.name, s.partitions, s.replication_factor or min(3, brokers), topic_configs=topic_configs(s))
                 for s in missing
             ]
-            try:
-                await admin.create_topics(new)
-            except TopicAlreadyExistsError:
-                pass  # created concurrently by someone else: fine
+            _check_created(await admin.create_topics(new))
             for s in missing:
                 log.info(
                     "created topic %s (%d partitions, %s)", s.name, s.partitions, topic_configs(s)["cleanup.policy"]
@@ -63,6 +69,23 @@ async def prepare_topics(kafka: KafkaSettings, specs: list[TopicSpec], create: b
         return partitions
     finally:
         await admin.close()
+
+
+def _check_created(response: Any) -> None:
+    """Raise for the topics the broker refused to create: ConfigError if asking again cannot help
+    (an invalid config or replication factor, a policy, no authorisation), else TopicError."""
+    refused: list[str] = []
+    transient: list[str] = []
+    for topic, code, *message in response.topic_errors:
+        if code in (0, TopicAlreadyExistsError.errno):  # already there: created concurrently by someone else
+            continue
+        error = for_code(code)
+        detail = f"cannot create topic {topic}: {message[0] if message and message[0] else error.__name__}"
+        (transient if error.retriable else refused).append(detail)
+    if refused:
+        raise ConfigError("broker", "", "; ".join(refused + transient))
+    if transient:
+        raise TopicError("; ".join(transient))
 
 
 async def _partitions(admin: AIOKafkaAdminClient, names: list[str]) -> dict[str, int]:

@@ -30,7 +30,14 @@ from aiokafka import AIOKafkaProducer
 from pydantic import ValidationError
 
 from datasync import __version__
-from datasync.admin import COMPACTED_ON_DELETE, DOES_NOT_EXIST, check_topics, missing_topics, prepare_topics
+from datasync.admin import (
+    COMPACTED_ON_DELETE,
+    DOES_NOT_EXIST,
+    check_topics,
+    dead_letter_topics,
+    missing_topics,
+    prepare_topics,
+)
 from datasync.api import KeyValues
 from datasync.bindings import Bindings, Topic, load_bindings
 from datasync.confluent import prepare_encode
@@ -231,7 +238,10 @@ def _summary(settings: Settings, bindings: Bindings, http: HttpServer | None) ->
 
 async def _check_broker(settings: Settings, bindings: Bindings, args: argparse.Namespace) -> int:
     _describe(bindings)
-    problems = await check_topics(settings.kafka, [t.spec for t in bindings.topics.values()])
+    declared = [t.spec for t in bindings.topics.values()]
+    problems = await check_topics(settings.kafka, declared)
+    dead = [spec.name for spec in dead_letter_topics(declared)]
+    problems += [f"dead-letter topic {name}{DOES_NOT_EXIST}" for name in await missing_topics(settings.kafka, dead)]
     for problem in problems:
         print(problem)
     print("broker OK" if not problems else f"{len(problems)} problem(s) on the broker")
@@ -239,7 +249,8 @@ async def _check_broker(settings: Settings, bindings: Bindings, args: argparse.N
 
 
 async def _create_topics(settings: Settings, bindings: Bindings, args: argparse.Namespace) -> int:
-    specs = [t.spec for t in bindings.topics.values()]
+    declared = [t.spec for t in bindings.topics.values()]
+    specs = [*declared, *dead_letter_topics(declared)]
     missing = await missing_topics(settings.kafka, [s.name for s in specs])
     await prepare_topics(settings.kafka, specs, create=True)
     for spec in specs:
@@ -251,7 +262,7 @@ async def _dump(settings: Settings, bindings: Bindings, args: argparse.Namespace
     topic = _topic(bindings, args.topic)
     await _require(settings, topic)
     engine = DataSync(settings.kafka, SyncSettings(create_topics=False))
-    engine.add_topic(topic.spec, topic.codec)
+    engine.add_topic(topic.spec.model_copy(update={"dead_letter": None}), topic.codec)  # reading only: no copies
     await engine.start()
     try:
         progress = sys.stderr.isatty()

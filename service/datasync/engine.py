@@ -30,7 +30,7 @@ from typing import Any
 from aiokafka import TopicPartition
 from aiokafka.errors import KafkaError, OffsetOutOfRangeError
 
-from datasync.admin import prepare_topics
+from datasync.admin import dead_letter_topics, prepare_topics
 from datasync.api import Change, ChangeEvent, Plugin, PluginContext, ResyncEvent, resync_values
 from datasync.applystatus import ApplyStatus
 from datasync.bindings import Bindings, TopicSpec
@@ -339,9 +339,10 @@ class DataSync:
         self._stopping = False  # a start attempt that failed part-way ran stop()
         self._resync_reason = self._resync_reason or "start"
         dead = {name: spec.dead_letter for name, spec in self._topics.items() if spec.dead_letter}
-        dead_specs = [TopicSpec(name=t, partitions=1, compacted=True) for t in sorted(set(dead.values()))]
-        specs = [*self._declared.values(), *dead_specs]
-        partitions = await prepare_topics(self.kafka, specs, self.sync.create_topics)
+        declared = list(self._declared.values())
+        partitions = await prepare_topics(
+            self.kafka, [*declared, *dead_letter_topics(declared)], self.sync.create_topics
+        )
         for publisher in self._publishers.values():  # schema ids from the registry, before anything is sent
             await prepare_encode(publisher.codec)
         self.broker_connected = True
