@@ -73,7 +73,9 @@ plugins: [{{name: rec, class: "recorder:Recorder", watch: [{{topic: {topic}}}]}}
 
 
 def env_for(bootstrap: str, **extra: str) -> dict[str, str]:
-    return {**os.environ, "DATASYNC_KAFKA__BOOTSTRAP_SERVERS": bootstrap, "PYTHONPATH": str(ROOT / "tests"), **extra}
+    """The CLI's environment; ``service`` first, so the command runs this checkout's package, not an installed one."""
+    path = os.pathsep.join([str(ROOT / "service"), str(ROOT / "tests")])
+    return {**os.environ, "DATASYNC_KAFKA__BOOTSTRAP_SERVERS": bootstrap, "PYTHONPATH": path, **extra}
 
 
 def cli(
