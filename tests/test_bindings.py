@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -139,3 +142,54 @@ def test_partitioned_topics_must_be_co_partitioned(dirs: tuple[Path, Path]) -> N
     (topics / "b.yaml").write_text("topics: [{name: b, partitions: 6, sharding: sharded}]")
     with pytest.raises(ConfigError, match=r"topics\[0\]\.sharding: Input should be 'replicated' or 'partitioned'"):
         load_bindings(topics, schemas)
+
+
+@pytest.fixture
+def unreadable(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[Path], None]]:
+    """Makes a directory unlistable: chmod 000 and, for root (whom that does not stop), os.scandir refuses it."""
+    made: list[Path] = []
+    scandir = os.scandir
+
+    def refuse(path: str) -> object:
+        if Path(path) in made:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return scandir(path)
+
+    def make(path: Path) -> None:
+        path.chmod(0)
+        made.append(path)
+
+    if os.geteuid() == 0:
+        monkeypatch.setattr(os, "scandir", refuse)
+    yield make
+    for path in made:
+        path.chmod(0o755)
+
+
+@pytest.mark.parametrize("under", ["topics", "schemas"])
+def test_an_unreadable_directory_is_named(
+    dirs: tuple[Path, Path], unreadable: Callable[[Path], None], under: str
+) -> None:
+    topics, schemas = dirs
+    (topics / "a.yaml").write_text(GOOD)
+    sub = (topics if under == "topics" else schemas) / "more"
+    sub.mkdir()
+    unreadable(sub)
+    with pytest.raises(ConfigError) as err:
+        load_bindings(topics, schemas)
+    assert str(err.value) == f"{sub}: cannot read: Permission denied"
+
+
+def test_hidden_files_and_directories_are_skipped(dirs: tuple[Path, Path]) -> None:
+    """A Kubernetes ConfigMap mount: each file links into ``..data``, a link to a hidden timestamped directory."""
+    topics, schemas = dirs
+    (topics / "..2024_01_01").mkdir()
+    (topics / "..2024_01_01" / "demo.yaml").write_text(GOOD)
+    (topics / "..data").symlink_to("..2024_01_01")
+    (topics / "demo.yaml").symlink_to("..data/demo.yaml")
+    (topics / ".#demo.yaml").write_text("an editor's lock file")
+    (schemas / ".old").mkdir()
+    (schemas / ".old" / "Interface.avsc").write_text("a backup, half written")
+    bindings = load_bindings(topics, schemas)
+    assert list(bindings.topics) == ["demo.config"]
+    assert bindings.topics["demo.config"].source == str(topics / "demo.yaml")

@@ -1,7 +1,7 @@
 """Topic-to-plugin bindings: the YAML files under ``topics/``, validated before connecting.
 
-Files (also in sub-directories) are read in path order; plugins resync in the order they are declared
-(file by file). Every error names the file and the field.
+Files (also in sub-directories; hidden ones skipped) are read in path order; plugins resync in the order
+they are declared (file by file). Every error names the file and the field.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from datasync.errors import ConfigError
 from datasync.registry import RegistryClient
 from datasync.schemas import SchemaStore
 from datasync.settings import RegistrySettings
+from datasync.tree import files_under
 
 _TOPIC_NAME = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 
@@ -116,7 +117,7 @@ def load_bindings(topics_dir: Path, schemas_dir: Path, registry: RegistrySetting
     """Read, validate and resolve every binding file. Raises ConfigError."""
     schemas = SchemaStore.load(schemas_dir)
     client = RegistryClient(registry) if registry is not None and registry.url_list else None
-    files = sorted(topics_dir.rglob("*.y*ml")) if topics_dir.is_dir() else []  # sub-directories too
+    files = files_under(topics_dir, "*.y*ml") if topics_dir.is_dir() else []
     if not files:
         raise ConfigError(str(topics_dir), "", "no bindings (*.yaml) found")
     topics: dict[str, Topic] = {}

@@ -1,6 +1,6 @@
 """Avro schemas from ``schemas/``: parsed once, indexed by full name and fingerprint.
 
-Every ``.avsc`` file is a writer schema that records may carry (by its
+Every ``.avsc`` file (hidden ones skipped) is a writer schema that records may carry (by its
 CRC-64-AVRO fingerprint). The *reader* schema of a full name ``a.b.Name`` is
 the file ``a/b/Name.avsc``; other files defining the same name (for example
 ``a/b/Name.v1.avsc``) are older versions, kept so their records still decode.
@@ -21,6 +21,7 @@ import fastavro
 from fastavro.schema import fingerprint, to_parsing_canonical_form
 
 from datasync.errors import ConfigError
+from datasync.tree import files_under
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,7 @@ class SchemaStore:
         if not directory.is_dir():
             return store
         pending: dict[Path, Any] = {}
-        for path in sorted(directory.rglob("*.avsc")):
+        for path in files_under(directory, "*.avsc"):
             try:
                 pending[path] = json.loads(path.read_text())
             except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
