@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import re
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -253,11 +253,32 @@ def validate_plugin_settings(plugin: type, settings: Mapping[str, Any], context:
     return None if model is None else model.model_validate(dict(settings), context=dict(context))
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe subset, refusing a key given twice in one mapping (PyYAML would keep the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Hashable, Any]:
+        first: dict[Hashable, int] = {}  # key -> its line
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults` merges: explicit keys may override
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, Hashable) and key in first:
+                problem = f"duplicate key {key!r} (first at line {first[key]})"
+                raise yaml.constructor.ConstructorError(None, None, problem, key_node.start_mark)
+            first[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
 def _read(path: Path) -> BindingsFile:
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(str(path), "", f"cannot read: {exc}") from exc
+    except yaml.MarkedYAMLError as exc:  # one line, with the position in the file
+        mark = exc.problem_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        what = ": ".join(part for part in (exc.context, exc.problem) if part)
+        raise ConfigError(str(path), "", f"invalid YAML{where}: {what}") from exc
     except yaml.YAMLError as exc:
         raise ConfigError(str(path), "", f"invalid YAML: {exc}") from exc
     if raw is None:
