@@ -28,6 +28,13 @@ plugins:
 """
 
 
+def refusal(topics: Path, schemas: Path) -> str:
+    """The ConfigError that load_bindings raises, as the CLI prints it after "invalid bindings: "."""
+    with pytest.raises(ConfigError) as err:
+        load_bindings(topics, schemas)
+    return str(err.value)
+
+
 @pytest.fixture
 def dirs(tmp_path: Path) -> tuple[Path, Path]:
     topics, schemas = tmp_path / "topics", tmp_path / "schemas"
@@ -132,9 +139,7 @@ def test_partitioned_topics_must_be_co_partitioned(dirs: tuple[Path, Path]) -> N
         "topics: [{name: a, partitions: 6, sharding: partitioned}, {name: r, partitions: 2}]"
     )
     (topics / "b.yaml").write_text("topics: [{name: b, partitions: 4, sharding: partitioned}]")
-    with pytest.raises(ConfigError) as err:
-        load_bindings(topics, schemas)
-    assert str(err.value) == (
+    assert refusal(topics, schemas) == (
         f"{topics / 'b.yaml'}: topics[0].partitions: partitioned topics must have equal partition counts "
         "(co-partitioned): a has 6, b has 4"
     )
@@ -177,9 +182,7 @@ def test_an_unreadable_directory_is_named(
     sub = (topics if under == "topics" else schemas) / "more"
     sub.mkdir()
     unreadable(sub)
-    with pytest.raises(ConfigError) as err:
-        load_bindings(topics, schemas)
-    assert str(err.value) == f"{sub}: cannot read: Permission denied"
+    assert refusal(topics, schemas) == f"{sub}: cannot read: Permission denied"
 
 
 def test_hidden_files_and_directories_are_skipped(dirs: tuple[Path, Path]) -> None:
@@ -195,3 +198,18 @@ def test_hidden_files_and_directories_are_skipped(dirs: tuple[Path, Path]) -> No
     bindings = load_bindings(topics, schemas)
     assert list(bindings.topics) == ["demo.config"]
     assert bindings.topics["demo.config"].source == str(topics / "demo.yaml")
+
+
+def test_a_dead_letter_topic_is_not_read(dirs: tuple[Path, Path]) -> None:
+    topics, schemas = dirs
+    (topics / "a.yaml").write_text(GOOD.replace("partitions: 3", "partitions: 3\n    dead_letter: demo.config"))
+    with pytest.raises(ConfigError, match=r"a\.yaml: topics\[0\]\.dead_letter: a topic cannot be its own dead-letter"):
+        load_bindings(topics, schemas)
+    (topics / "a.yaml").write_text(GOOD)
+    (topics / "b.yaml").write_text("topics: [{name: other, dead_letter: demo.config}]")
+    assert refusal(topics, schemas) == (
+        f"{topics / 'b.yaml'}: topics[0].dead_letter: 'demo.config' is a state topic (plugin 'interfaces' watches it): "
+        "rejected records would be read again"
+    )
+    (topics / "b.yaml").write_text("topics: [{name: other, dead_letter: dead}, {name: dead}]")  # declared, not read
+    assert load_bindings(topics, schemas).topics["other"].spec.dead_letter == "dead"

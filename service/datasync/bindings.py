@@ -197,7 +197,23 @@ def load_bindings(topics_dir: Path, schemas_dir: Path, registry: RegistrySetting
                 message = err["msg"].removeprefix("Value error, ")
                 raise ConfigError(source, f"{where}.settings" + (f".{loc}" if loc else ""), message) from exc
             plugins.append(PluginBinding(plugin, factory, source, where))
+    _check_dead_letters(parsed, plugins)
     return Bindings(topics, publishers, plugins, schemas)
+
+
+def _check_dead_letters(parsed: list[tuple[str, BindingsFile]], plugins: list[PluginBinding]) -> None:
+    """A dead-letter topic must not be read: its copies of rejected records would be rejected and copied again."""
+    watched = {w.topic: binding.spec.name for binding in plugins for w in binding.spec.watch}
+    for source, doc in parsed:
+        for i, spec in enumerate(doc.topics):
+            target = spec.dead_letter
+            if target == spec.name:
+                why = "a topic cannot be its own dead-letter topic"
+            elif target in watched:
+                why = f"{target!r} is a state topic (plugin {watched[target]!r} watches it)"
+            else:
+                continue
+            raise ConfigError(source, f"topics[{i}].dead_letter", f"{why}: rejected records would be read again")
 
 
 def check_copartitioned(partitions: dict[str, int]) -> None:
