@@ -65,7 +65,17 @@ def test_good_file(dirs: tuple[Path, Path]) -> None:
         (("{topic: demo.config,", "{topic: demo.other,"), "plugins[0].watch[0].topic", "unknown topic 'demo.other'"),
         (("partitions: 3", "partitions: 0"), "topics[0].partitions", "greater than or equal to 1"),
         (("partitions: 3", "partitons: 3"), "topics[0].partitons", "Extra inputs"),
-        (("name: demo.config", "name: bad/name"), "topics[0].name", "Kafka topic name"),
+        (("name: demo.config", "name: bad/name"), "topics[0].name", "a Kafka topic name"),
+        (
+            ("partitions: 3", "partitions: 3\n    config: {cleanup.policy: delete}"),
+            "topics[0].config",
+            "cleanup.policy=delete contradicts compacted: true",
+        ),
+        (
+            ("partitions: 3", "partitions: 3\n    compacted: false\n    config: {cleanup.policy: compact}"),
+            "topics[0].config",
+            "cleanup.policy=compact contradicts compacted: false",
+        ),
         (("watch: [", "watch: [[["), "", "invalid YAML at line 10, column 1: while parsing a flow sequence"),
         (("plugins:", "plugins: []\nplugins:"), "", "invalid YAML at line 7, column 1: duplicate key 'plugins'"),
         (("value: avro", "value: json\n    value: avro"), "", "duplicate key 'value' (first at line 5)"),
@@ -78,6 +88,7 @@ def test_errors_name_file_and_field(dirs: tuple[Path, Path], edit: tuple[str, st
         load_bindings(topics, schemas)
     assert err.value.source.endswith("a.yaml") and err.value.field == field
     assert message in err.value.message and "\n" not in err.value.message
+    assert not err.value.message.startswith("Value error")  # pydantic's prefix says nothing to an operator
 
 
 def test_duplicate_names_across_files(dirs: tuple[Path, Path]) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from datasync.codecs import Codec, codec_for
 from datasync.errors import ConfigError
@@ -53,6 +53,15 @@ class TopicSpec(_Model):
         if name is not None and (not _TOPIC_NAME.match(name) or name in (".", "..")):
             raise ValueError("a Kafka topic name: 1-249 of [A-Za-z0-9._-]")
         return name
+
+    @field_validator("config")
+    @classmethod
+    def _policy_agrees(cls, config: dict[str, str], info: ValidationInfo) -> dict[str, str]:
+        """``compacted`` sets cleanup.policy; a policy in ``config`` saying otherwise would win at creation."""
+        policy, compacted = config.get("cleanup.policy"), info.data.get("compacted")
+        if policy is not None and compacted is not None and ("compact" in policy) != compacted:
+            raise ValueError(f"cleanup.policy={policy} contradicts compacted: {str(compacted).lower()}")
+        return config
 
     @field_validator("key")
     @classmethod
@@ -305,7 +314,7 @@ def _read(path: Path) -> BindingsFile:
         return BindingsFile.model_validate(raw)
     except ValidationError as exc:
         err = exc.errors()[0]
-        raise ConfigError(str(path), _loc(err["loc"]), err["msg"]) from exc
+        raise ConfigError(str(path), _loc(err["loc"]), err["msg"].removeprefix("Value error, ")) from exc
 
 
 def _loc(loc: tuple[int | str, ...]) -> str:
