@@ -17,6 +17,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
+from datasync.api import Plugin
 from datasync.codecs import Codec, codec_for
 from datasync.errors import ConfigError
 from datasync.registry import RegistryClient
@@ -109,7 +110,7 @@ class Topic:
 @dataclass(frozen=True)
 class PluginBinding:
     spec: PluginSpec
-    factory: type
+    plugin: Plugin  # created here, so that check refuses a class that cannot be created as run would
     source: str
     field: str  # where it is declared, e.g. plugins[1]
 
@@ -205,7 +206,11 @@ def load_bindings(topics_dir: Path, schemas_dir: Path, registry: RegistrySetting
                 loc = _loc(err["loc"])
                 message = err["msg"].removeprefix("Value error, ")
                 raise ConfigError(source, f"{where}.settings" + (f".{loc}" if loc else ""), message) from exc
-            plugins.append(PluginBinding(plugin, factory, source, where))
+            try:
+                instance = factory()
+            except Exception as exc:
+                raise ConfigError(source, f"{where}.class", f"cannot create the plugin: {exc!r}") from exc
+            plugins.append(PluginBinding(plugin, instance, source, where))
     _check_dead_letters(parsed, plugins)
     return Bindings(topics, publishers, plugins, schemas)
 

@@ -40,7 +40,7 @@ from datasync.confluent import RegistryCodec, prepare_encode
 from datasync.deadletter import DeadLetters
 from datasync.delivery import Deliveries
 from datasync.delta import differences
-from datasync.errors import ConfigError, DecodeError, TopicError
+from datasync.errors import DecodeError, TopicError
 from datasync.fleet import Fleet, Rebalancing
 from datasync.ingest import Ingest
 from datasync.metrics import Metrics
@@ -169,12 +169,7 @@ class DataSync:
             watches: dict[str, list[str]] = {}
             for w in spec.watch:
                 watches.setdefault(w.topic, []).extend(w.prefixes)
-            try:
-                plugin = binding.factory()
-            except Exception as exc:
-                where = f"{binding.field}.class"
-                raise ConfigError(binding.source, where, f"cannot create the plugin: {exc!r}") from exc
-            engine.watch(spec.name, plugin, watches, spec.settings, spec.resync, spec.status, spec.after)
+            engine.watch(spec.name, binding.plugin, watches, spec.settings, spec.resync, spec.status, spec.after)
         return engine
 
     def add_topic(self, spec: TopicSpec, codec: Codec, read: bool = True) -> None:
