@@ -276,6 +276,8 @@ class Declared(Plugin):
     ("{class: 'datasync.changefeed:Changefeed'}", "plugins[0].settings.publisher", "Field required"),
     ("{class: 'datasync.changefeed:Changefeed', settings: {publisher: nope}}", "plugins[0].settings.publisher",
      "unknown publisher 'nope' (declared: out, loop)"),
+    ("{class: 'datasync.changefeed:Changefeed', settings: {publisher: out, checkpoint_topic: 'bad name!'}}",
+     "plugins[0].settings.checkpoint_topic", "a Kafka topic name: 1-249 of [A-Za-z0-9._-]"),
     ("{class: 'datasync.changefeed:Changefeed', settings: {publisher: out, tombstone: false}}",
      "plugins[0].settings.tombstone", "Extra inputs are not permitted"),
     ("{class: 'datasync.changefeed:Changefeed', settings: {publisher: loop}}", "plugins[0].settings.publisher",

@@ -12,10 +12,10 @@ import re
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from datasync.api import Plugin
 from datasync.codecs import Codec, codec_for
@@ -28,6 +28,15 @@ from datasync.tree import files_under
 _TOPIC_NAME = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 
 
+def _topic_name(name: str) -> str:
+    if not _TOPIC_NAME.match(name) or name in (".", ".."):
+        raise ValueError("a Kafka topic name: 1-249 of [A-Za-z0-9._-]")
+    return name
+
+
+TopicName = Annotated[str, AfterValidator(_topic_name)]
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -35,7 +44,7 @@ class _Model(BaseModel):
 class TopicSpec(_Model):
     """A topic holding desired state (or, later, receiving published records)."""
 
-    name: str
+    name: TopicName
     partitions: int = Field(default=1, ge=1)
     replication_factor: int | None = Field(default=None, ge=1, description="default: min(3, brokers)")
     compacted: bool = True
@@ -43,17 +52,10 @@ class TopicSpec(_Model):
     value: str = "bytes"
     config: dict[str, str] = Field(default_factory=dict, description="extra topic configs")
     max_value_bytes: int | None = Field(default=None, ge=1, description="larger values are rejected")
-    dead_letter: str | None = Field(default=None, description="topic receiving copies of rejected records")
+    dead_letter: TopicName | None = Field(default=None, description="topic receiving copies of rejected records")
     sharding: Literal["replicated", "partitioned"] = Field(
         default="replicated", description="with a group: every member reads it, or each reads the partitions it owns"
     )
-
-    @field_validator("name", "dead_letter")
-    @classmethod
-    def _valid_name(cls, name: str | None) -> str | None:
-        if name is not None and (not _TOPIC_NAME.match(name) or name in (".", "..")):
-            raise ValueError("a Kafka topic name: 1-249 of [A-Za-z0-9._-]")
-        return name
 
     @field_validator("config")
     @classmethod

@@ -42,7 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from datasync.admin import prepare_topics
 from datasync.api import Change, ChangeEvent, Plugin, PluginContext, Replay, ResyncEvent
-from datasync.bindings import TopicSpec
+from datasync.bindings import TopicName, TopicSpec
 from datasync.publish import Publisher
 from datasync.settings import KafkaSettings
 
@@ -57,7 +57,7 @@ class ChangefeedSettings(BaseModel):
     publisher: str = Field(description="the publisher whose topic receives the envelopes")
     tombstones: bool = Field(default=True, description="a tombstone after each 'd' envelope")
     snapshot: bool = Field(default=False, description="on the very first start, 'r' for every existing key")
-    checkpoint_topic: str | None = Field(default=None, description="default <outbound topic>.checkpoints")
+    checkpoint_topic: TopicName | None = Field(default=None, description="default <outbound topic>.checkpoints")
     transactional_id: str | None = Field(default=None, description="default datasync-changefeed-<plugin name>")
 
     @field_validator("publisher")
