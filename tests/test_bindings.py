@@ -13,6 +13,7 @@ import pytest
 from datasync.bindings import load_bindings
 from datasync.cli import main
 from datasync.errors import ConfigError
+from datasync.settings import RegistrySettings
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -28,10 +29,10 @@ plugins:
 """
 
 
-def refusal(topics: Path, schemas: Path) -> str:
+def refusal(topics: Path, schemas: Path, registry: RegistrySettings | None = None) -> str:
     """The ConfigError that load_bindings raises, as the CLI prints it after "invalid bindings: "."""
     with pytest.raises(ConfigError) as err:
-        load_bindings(topics, schemas)
+        load_bindings(topics, schemas, registry)
     return str(err.value)
 
 
@@ -135,6 +136,16 @@ def test_publishers_are_validated(dirs: tuple[Path, Path]) -> None:
     (topics / "a.yaml").write_text(GOOD.replace("    class:", "    status: missing\n    class:"))
     with pytest.raises(ConfigError, match=r"plugins\[0\]\.status: unknown publisher 'missing'"):
         load_bindings(topics, schemas)
+
+
+@pytest.mark.parametrize("value", ["avro", "registry"])
+def test_a_publisher_needs_a_schema_to_write(dirs: tuple[Path, Path], value: str) -> None:
+    topics, schemas = dirs
+    (topics / "a.yaml").write_text(f"topics: [{{name: any, value: {value}}}]\npublishers: [{{name: out, topic: any}}]")
+    assert refusal(topics, schemas, RegistrySettings(urls="http://127.0.0.1:1")) == (
+        f"{topics / 'a.yaml'}: publishers[0].topic: topic 'any' (value: {value}) cannot be written: "
+        f"name the schema ({value}:NAME)"
+    )
 
 
 def test_a_prefix_watched_twice_is_named(dirs: tuple[Path, Path]) -> None:

@@ -162,6 +162,10 @@ def load_bindings(topics_dir: Path, schemas_dir: Path, registry: RegistrySetting
                 raise ConfigError(source, f"{where}.name", f"publisher {pub.name!r} is already declared")
             if pub.topic not in topics:
                 raise ConfigError(source, f"{where}.topic", f"unknown topic {pub.topic!r} (declare it under topics)")
+            value = topics[pub.topic].codec.spec
+            if value in ("avro", "registry"):  # decodes any writer's schema, but encodes with none
+                message = f"topic {pub.topic!r} (value: {value}) cannot be written: name the schema ({value}:NAME)"
+                raise ConfigError(source, f"{where}.topic", message)
             publishers[pub.name] = pub
     names: dict[str, str] = {}
     for source, doc in parsed:
