@@ -235,3 +235,41 @@ def test_a_dead_letter_topic_is_not_read(dirs: tuple[Path, Path]) -> None:
     )
     (topics / "b.yaml").write_text("topics: [{name: other, dead_letter: dead}, {name: dead}]")  # declared, not read
     assert load_bindings(topics, schemas).topics["other"].spec.dead_letter == "dead"
+
+
+FEED = """
+topics: [{name: src, value: "SOURCE"}, {name: out, value: "OUT"}]
+publishers: [{name: changes, topic: out}]
+plugins: [{name: feed, class: "datasync.changefeed:Changefeed", watch: [{topic: src}], settings: {publisher: changes}}]
+"""
+
+
+@pytest.mark.parametrize(
+    "source, out, unfit",
+    [
+        ("avro:demo.Interface", "avro:demo.Interface", "which cannot hold change envelopes"),
+        ("avro:demo.Interface", "json:demo.Interface", "which cannot hold change envelopes"),
+        ("avro:demo.Interface", "string", "which cannot hold change envelopes"),
+        ("registry:demo.Interface", "registry:demo.Route", "which cannot hold change envelopes"),
+        ("avro:demo.Interface", "avro:demo.RouteChange", "whose envelopes cannot hold demo.Interface values"),
+        ("string", "avro:demo.InterfaceChange", "whose envelopes cannot hold string values"),
+        ("avro:demo.Interface", "avro:demo.InterfaceChange", None),
+        ("registry:demo.Interface", "registry:demo.InterfaceChange", None),
+        ("avro:demo.Interface", "json", None),
+        ("json", "avro:demo.InterfaceChange", None),  # the values will tell
+    ],
+)
+def test_the_changefeed_publishes_with_a_codec_holding_its_envelopes(
+    dirs: tuple[Path, Path], source: str, out: str, unfit: str | None
+) -> None:
+    topics, schemas = dirs
+    (topics / "a.yaml").write_text(FEED.replace("SOURCE", source).replace("OUT", out))
+    registry = RegistrySettings(urls="http://127.0.0.1:1")
+    if unfit is None:
+        assert load_bindings(topics, schemas, registry).plugins[0].spec.name == "feed"
+        return
+    kind = "registry" if out.startswith("registry") else "avro"
+    assert refusal(topics, schemas, registry) == (
+        f"{topics / 'a.yaml'}: plugins[0].settings.publisher: 'changes' writes to out (value: {out}), {unfit}: "
+        f"use value: json or {kind}:NAMEChange (NAME: the watched topic's schema)"
+    )

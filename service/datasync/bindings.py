@@ -204,6 +204,7 @@ def load_bindings(topics_dir: Path, schemas_dir: Path, registry: RegistrySetting
             context = {
                 "publishers": {name: pub.topic for name, pub in publishers.items()},
                 "watches": {w.topic: w.prefixes for w in plugin.watch},
+                "codecs": {name: topic.codec for name, topic in topics.items()},
             }
             try:
                 validate_plugin_settings(factory, plugin.settings, context)
@@ -282,8 +283,8 @@ def import_plugin(path: str) -> type:
 def validate_plugin_settings(plugin: type, settings: Mapping[str, Any], context: Mapping[str, Any]) -> Any:
     """Validate ``settings`` with the plugin class's ``Settings`` model, if it declares one.
 
-    The model gets ``context``: ``publishers`` (name -> topic) and ``watches``
-    (topic -> prefixes), for checks across the bindings. Raises ValidationError.
+    The model gets ``context``: ``publishers`` (name -> topic), ``watches`` (topic -> prefixes)
+    and ``codecs`` (topic -> value codec), for checks across the bindings. Raises ValidationError.
     """
     model = getattr(plugin, "Settings", None)
     return None if model is None else model.model_validate(dict(settings), context=dict(context))

@@ -43,7 +43,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from datasync.admin import prepare_topics
 from datasync.api import Change, ChangeEvent, Plugin, PluginContext, Replay, ResyncEvent
 from datasync.bindings import TopicName, TopicSpec
+from datasync.codecs import AvroCodec, Codec, JsonCodec
+from datasync.confluent import RegistryCodec
+from datasync.conform import conform
+from datasync.errors import EncodeError
 from datasync.publish import Publisher
+from datasync.schemas import Schema
 from datasync.settings import KafkaSettings
 
 Partition = tuple[str, int]
@@ -70,7 +75,61 @@ class ChangefeedSettings(BaseModel):
         topic = publishers.get(publisher)
         if topic is not None and topic in context.get("watches", {}):
             raise ValueError(f"{publisher!r} writes to {topic}, which this feed watches (it would feed on itself)")
+        codecs: dict[str, Codec] = context.get("codecs", {})
+        if topic in codecs:
+            unfit = envelopes_unfit(codecs[topic], [codecs[t] for t in context.get("watches", {}) if t in codecs])
+            if unfit:
+                raise ValueError(f"{publisher!r} writes to {topic} (value: {codecs[topic].spec}), {unfit}")
         return publisher
+
+
+# What every envelope holds whatever the values: a codec that cannot encode this cannot encode any.
+_ENVELOPE = {"op": "d", "key": "", "before": None, "after": None, "source": {"topic": "", "partition": 0,
+             "offset": 0}, "ts_ms": 0}  # fmt: skip
+
+
+def envelopes_unfit(out: Codec, sources: list[Codec]) -> str | None:
+    """Why ``out`` cannot encode the envelopes of the ``sources``' changes, where that is certain beforehand.
+
+    JSON holds envelopes of (almost) any value; ``string`` and ``bytes`` hold none, nor does an Avro
+    schema that is not an envelope's; an envelope schema holds values of the types its ``after`` names.
+    Values of an untyped source (json, avro, registry) may fit or not: only they can tell.
+    """
+    if isinstance(out, JsonCodec) and out.schema is None:
+        return None
+    kind = "registry" if isinstance(out, RegistryCodec) else "avro"
+    hint = f"use value: json or {kind}:NAMEChange (NAME: the watched topic's schema)"
+    no_envelopes = f"which cannot hold change envelopes: {hint}"
+    schema = _schema(out)
+    if schema is None:  # string, bytes
+        return no_envelopes
+    try:
+        conform(_ENVELOPE, schema)
+    except EncodeError:
+        return no_envelopes
+    if not (isinstance(schema.parsed, dict) and schema.parsed["type"] == "record"):  # a union: left to the values
+        return None
+    after = next(field["type"] for field in schema.parsed["fields"] if field["name"] == "after")
+    held = {
+        b if isinstance(b, str) else b.get("name", b["type"]) for b in (after if isinstance(after, list) else [after])
+    }
+    missing = sorted({t for t in map(_value_type, sources) if t is not None} - held)
+    return f"whose envelopes cannot hold {', '.join(missing)} values: {hint}" if missing else None
+
+
+def _schema(codec: Codec) -> Schema | None:
+    """The Avro schema every value of ``codec`` matches, if it has one (avro:, registry: and json:NAME)."""
+    if isinstance(codec, AvroCodec | RegistryCodec):
+        return codec.reader
+    return codec.schema if isinstance(codec, JsonCodec) else None
+
+
+def _value_type(codec: Codec) -> str | None:
+    """The Avro type name of every value of ``codec``, if it has one."""
+    schema = _schema(codec)
+    if schema is not None:
+        return schema.fullname
+    return codec.spec if codec.spec in ("string", "bytes") else None
 
 
 class Changefeed(Plugin):
