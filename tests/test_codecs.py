@@ -179,6 +179,48 @@ def test_envelope_uses_the_reader_version(tmp_path: Path) -> None:
     assert codec.decode(codec.encode(value))["after"] == after
 
 
+ADDRESS_V1 = {
+    "type": "record",
+    "name": "Address",
+    "namespace": "demo",
+    "fields": [{"name": "street", "type": "string"}],
+}
+ADDRESS_V2 = {**ADDRESS_V1, "fields": [*ADDRESS_V1["fields"], {"name": "city", "type": "string", "default": ""}]}
+
+
+def test_references_resolve_to_the_reader_not_an_older_version(tmp_path: Path) -> None:
+    """``archive/Address.avsc``, an older ``demo.Address``, sorts before the reader ``demo/Address.avsc``."""
+    person = {
+        "type": "record",
+        "name": "Person",
+        "namespace": "demo",
+        "fields": [{"name": "home", "type": "demo.Address"}],
+    }
+    for path, schema in [("archive/Address.avsc", ADDRESS_V1), ("demo/Address.avsc", ADDRESS_V2),
+                         ("demo/Person.avsc", person)]:  # fmt: skip
+        (tmp_path / path).parent.mkdir(exist_ok=True)
+        (tmp_path / path).write_text(json.dumps(schema))
+    store = SchemaStore.load(tmp_path)
+    codec = AvroCodec(store, store.get("demo.Person"))
+    value = {"home": {"street": "Main St", "city": "Springfield"}}
+    assert codec.decode(codec.encode(value)) == value
+    old = next(s for s in store.by_fingerprint.values() if s.source == str(tmp_path / "archive/Address.avsc"))
+    address = AvroCodec(store, store.get("demo.Address"))  # records of the older version still decode
+    assert address.decode(address.encode({"street": "Elm St"}, old)) == {"street": "Elm St", "city": ""}
+
+
+def test_a_name_defined_twice_without_its_reader_file_is_an_error(tmp_path: Path) -> None:
+    for path, schema in [("archive/Address.avsc", ADDRESS_V1), ("current/Address.avsc", ADDRESS_V2)]:
+        (tmp_path / path).parent.mkdir()
+        (tmp_path / path).write_text(json.dumps(schema))
+    with pytest.raises(ConfigError) as err:
+        SchemaStore.load(tmp_path)
+    assert str(err.value) == (
+        f"{tmp_path / 'current/Address.avsc'}: demo.Address is also defined in {tmp_path / 'archive/Address.avsc'}: "
+        f"put its reader schema in {tmp_path / 'demo/Address.avsc'}"
+    )
+
+
 def test_top_level_union_referring_to_another_file(tmp_path: Path) -> None:
     (tmp_path / "demo").mkdir()
     (tmp_path / "demo" / "Interface.avsc").write_text(json.dumps(V2))

@@ -2,8 +2,9 @@
 
 Every ``.avsc`` file (hidden ones skipped) is a writer schema that records may carry (by its
 CRC-64-AVRO fingerprint). The *reader* schema of a full name ``a.b.Name`` is
-the file ``a/b/Name.avsc``; other files defining the same name (for example
-``a/b/Name.v1.avsc``) are older versions, kept so their records still decode.
+the file ``a/b/Name.avsc`` (or the one file defining it); other files defining
+the same name (for example ``a/b/Name.v1.avsc``) are older versions, kept so
+their records still decode. References between files resolve to readers.
 
 For every record ``a.b.Name`` the store also derives ``a.b.NameChange``, the
 changefeed's envelope: ``{op, key, before, after, source, ts_ms}`` with
@@ -42,11 +43,11 @@ class SchemaStore:
         for schema in schemas or []:
             self.add(schema)
 
-    def add(self, schema: Schema) -> None:
+    def add(self, schema: Schema, reader: bool = True) -> None:
+        """A schema records may be written with; unless an older version, also the reader of its name."""
         for fp in (schema.fingerprint, *schema.aliases):
             self.by_fingerprint.setdefault(fp, schema)
-        canonical = schema.fullname.replace(".", "/") + ".avsc"
-        if schema.fullname not in self._by_name or schema.source.endswith(canonical):
+        if reader:
             self._by_name[schema.fullname] = schema
 
     def get(self, fullname: str) -> Schema | None:
@@ -61,27 +62,16 @@ class SchemaStore:
         store = cls()
         if not directory.is_dir():
             return store
-        pending: dict[Path, Any] = {}
+        files: dict[Path, Any] = {}
         for path in files_under(directory, "*.avsc"):
             try:
-                pending[path] = json.loads(path.read_text())
+                files[path] = json.loads(path.read_text())
             except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
                 raise ConfigError(str(path), "", f"cannot read schema: {exc}") from exc
-        named: dict[str, Any] = {}
-        while pending:  # files may refer to types of files parsed later: go round until none parses
-            errors: dict[Path, Exception] = {}
-            before = len(pending)
-            for path, obj in list(pending.items()):
-                try:
-                    schema = _parse(path, obj, named)
-                except Exception as exc:  # fastavro raises several unrelated types
-                    errors[path] = exc
-                    continue
-                del pending[path]
-                store.add(schema)
-            if len(pending) == before:
-                bad, error = next(iter(errors.items()))
-                raise ConfigError(str(bad), "", f"invalid Avro schema: {error}")
+        older = _older_versions(directory, files)
+        named: dict[str, Any] = {}  # the readers' types, which every file's references resolve to
+        _parse_all(store, {p: obj for p, obj in files.items() if p not in older}, named, reader=True)
+        _parse_all(store, older, named, reader=False)
         for name in store.names():
             reader = store.get(name)
             if reader is not None and _is_record(reader.parsed) and store.get(f"{name}Change") is None:
@@ -94,7 +84,48 @@ class SchemaStore:
         return store
 
 
+def _parse_all(store: SchemaStore, pending: dict[Path, Any], named: dict[str, Any], reader: bool) -> None:
+    """Parse these files into ``store``; with ``reader``, the types they define join ``named``."""
+    while pending:  # files may refer to types of files parsed later: go round until none parses
+        errors: dict[Path, Exception] = {}
+        before = len(pending)
+        for path, obj in list(pending.items()):
+            try:
+                schema = _parse(path, obj, named if reader else dict(named))
+            except Exception as exc:  # fastavro raises several unrelated types
+                errors[path] = exc
+                continue
+            del pending[path]
+            store.add(schema, reader)
+        if len(pending) == before:
+            bad, error = next(iter(errors.items()))
+            raise ConfigError(str(bad), "", f"invalid Avro schema: {error}")
+
+
+def _older_versions(directory: Path, files: dict[Path, Any]) -> dict[Path, Any]:
+    """The files that are older versions: of several defining one name, all but ``a/b/Name.avsc``.
+
+    Raises ConfigError naming two of them when none is at that path: which one is the reader is unclear.
+    """
+    defining: dict[str, list[Path]] = {}
+    for path, obj in files.items():
+        if isinstance(obj, dict) and isinstance(obj.get("name"), str):
+            name, namespace = obj["name"], obj.get("namespace")
+            defining.setdefault(name if "." in name or not namespace else f"{namespace}.{name}", []).append(path)
+    older: dict[Path, Any] = {}
+    for name, paths in defining.items():
+        reader = directory / (name.replace(".", "/") + ".avsc")
+        if len(paths) == 1:
+            continue
+        if reader not in paths:
+            message = f"{name} is also defined in {paths[0]}: put its reader schema in {reader}"
+            raise ConfigError(str(paths[1]), "", message)
+        older |= {path: files[path] for path in paths if path != reader}
+    return older
+
+
 def _parse(path: Path, obj: Any, named: dict[str, Any]) -> Schema:
+    """Parse one file against the types of ``named``, adding those it defines to ``named``."""
     own: dict[str, Any] = dict(named)
     try:
         parsed = fastavro.parse_schema(obj, named_schemas=own)
