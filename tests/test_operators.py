@@ -240,7 +240,7 @@ def test_a_taken_http_port_is_one_line_and_exit_1(tmp_path: Path, bootstrap: str
 # -- item 3: check refuses what run would ---------------------------------------
 
 BAD_PLUGINS = """
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, field_validator
 from datasync import Plugin
 
 class SyncResync(Plugin):
@@ -263,6 +263,11 @@ class Declared(Plugin):
         url: str
     async def resync(self, event): pass
     async def change(self, event): pass
+
+class Careless(Declared):
+    class Settings(Declared.Settings):
+        @field_validator("url")
+        def _known(cls, url): return {"a": url}[url]
 """
 
 
@@ -273,6 +278,7 @@ class Declared(Plugin):
     ("{class: 'bad:Declared', settings: {url: x, retires: 3}}", "plugins[0].settings.retires",
      "Extra inputs are not permitted"),
     ("{class: 'bad:Declared', settings: {}}", "plugins[0].settings.url", "Field required"),
+    ("{class: 'bad:Careless', settings: {url: x}}", "plugins[0].settings", "KeyError('x')"),
     ("{class: 'datasync.changefeed:Changefeed'}", "plugins[0].settings.publisher", "Field required"),
     ("{class: 'datasync.changefeed:Changefeed', settings: {publisher: nope}}", "plugins[0].settings.publisher",
      "unknown publisher 'nope' (declared: out, loop)"),

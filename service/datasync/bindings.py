@@ -213,6 +213,8 @@ def load_bindings(topics_dir: Path, schemas_dir: Path, registry: RegistrySetting
                 loc = _loc(err["loc"])
                 message = err["msg"].removeprefix("Value error, ")
                 raise ConfigError(source, f"{where}.settings" + (f".{loc}" if loc else ""), message) from exc
+            except Exception as exc:  # a validator raising other than ValueError: pydantic lets it through
+                raise ConfigError(source, f"{where}.settings", repr(exc)) from exc
             try:
                 instance = factory()
             except Exception as exc:
