@@ -27,7 +27,6 @@ from urllib.parse import quote
 
 import aiohttp
 from aiokafka import AIOKafkaProducer
-from pydantic import ValidationError
 
 from datasync import __version__
 from datasync.admin import (
@@ -42,10 +41,10 @@ from datasync.api import KeyValues
 from datasync.bindings import Bindings, Topic, load_bindings
 from datasync.confluent import prepare_encode
 from datasync.engine import DataSync
-from datasync.errors import ConfigError, EncodeError, TopicError
+from datasync.errors import ConfigError, EncodeError, SettingsError, TopicError
 from datasync.logs import setup_logging
 from datasync.registry import RegistryError
-from datasync.settings import Settings, SyncSettings
+from datasync.settings import Settings, SyncSettings, load_settings
 from datasync.startup import UNREACHABLE, GaveUp, Startup, connect_with_retry, reason
 from datasync.web import HttpServer
 
@@ -68,7 +67,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"datasync {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = commands.add_parser("run", parents=[common], help="run the service on the bindings")
-    run.add_argument("--http-port", type=int, help="HTTP port (DATASYNC_HTTP__PORT, default 8080)")
+    run.add_argument("--http-port", type=int, default=argparse.SUPPRESS,
+                     help="HTTP port (DATASYNC_HTTP__PORT, default 8080)")  # fmt: skip
     check = commands.add_parser("check", parents=[common], help="validate topics/ and schemas/")
     check.add_argument("--broker", action="store_true", help="also check the declared topics on the broker")
     topics = commands.add_parser("topics", parents=[common], help="manage the declared topics")
@@ -97,10 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         settings = _settings(args)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        field = "DATASYNC_" + "__".join(str(p) for p in err["loc"]).upper()
-        print(f"datasync: invalid setting {field}: {err['msg']}", file=sys.stderr)
+    except SettingsError as exc:
+        print(f"datasync: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     # One-shot commands report broker errors in one line of their own: the client's are noise there.
     quiet = args.command != "run" and settings.log_level != "DEBUG"
@@ -138,18 +136,21 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+# The settings that flags set: validated like the environment's, and named as given in errors.
+FLAGS = {
+    "topics_dir": ("topics_dir",),
+    "schemas_dir": ("schemas_dir",),
+    "bootstrap_servers": ("kafka", "bootstrap_servers"),
+    "log_level": ("log_level",),
+    "log_format": ("log_format",),
+    "http_port": ("http", "port"),
+}
+
+
 def _settings(args: argparse.Namespace) -> Settings:
-    overrides: dict[str, Any] = {}
-    for flag, field in (("topics_dir", "topics_dir"), ("schemas_dir", "schemas_dir"), ("log_level", "log_level"),
-                        ("log_format", "log_format")):  # fmt: skip
-        if getattr(args, flag, None):
-            overrides[field] = getattr(args, flag)
-    settings = Settings(**overrides)
-    if getattr(args, "bootstrap_servers", None):
-        settings.kafka.bootstrap_servers = args.bootstrap_servers
-    if getattr(args, "http_port", None) is not None:
-        settings.http.port = args.http_port
-    return settings
+    given = vars(args)  # a flag left out is not there (argparse.SUPPRESS)
+    flags = {loc: ("--" + flag.replace("_", "-"), given[flag]) for flag, loc in FLAGS.items() if flag in given}
+    return load_settings(flags)
 
 
 def _describe(bindings: Bindings) -> None:

@@ -16,6 +16,10 @@ class ConfigError(Exception):
         super().__init__(f"{where}: {message}")
 
 
+class SettingsError(Exception):
+    """Settings cannot be used. The message is one line naming the variables (or CLI flags) at fault."""
+
+
 class DecodeError(ValueError):
     """A record's bytes cannot be decoded with the topic's codec."""
 

@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_core import ErrorDetails
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from datasync.errors import SettingsError
+
+
+class Invalid(ValueError):
+    """A check across settings of a group failed: names the settings involved, so that errors name their variables."""
+
+    def __init__(self, message: str, *fields: str) -> None:
+        super().__init__(f"{', '.join(fields)}: {message}")
+        self.message = message
+        self.fields = fields
 
 
 class KafkaSettings(BaseModel):
@@ -30,13 +43,14 @@ class KafkaSettings(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> KafkaSettings:
-        sasl = self.security_protocol.startswith("SASL")
-        if sasl and not (self.sasl_mechanism and self.sasl_username and self.sasl_password):
-            raise ValueError(f"{self.security_protocol} needs sasl_mechanism, sasl_username and sasl_password")
+        if self.security_protocol.startswith("SASL"):
+            missing = [name for name in ("sasl_mechanism", "sasl_username", "sasl_password") if not getattr(self, name)]
+            if missing:
+                raise Invalid(f"needed with security_protocol {self.security_protocol}", *missing)
         for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
             path = getattr(self, name)
             if path is not None and not path.is_file():
-                raise ValueError(f"{name}: no such file {path}")
+                raise Invalid(f"no such file {path}", name)
         return self
 
     def client_options(self) -> dict[str, Any]:
@@ -104,7 +118,8 @@ class GroupSettings(BaseModel):
     @model_validator(mode="after")
     def _heartbeat_within_session(self) -> GroupSettings:
         if self.heartbeat_interval_ms * 3 > self.session_timeout_ms:
-            raise ValueError("heartbeat_interval_ms must be at most a third of session_timeout_ms")
+            raise Invalid("the heartbeat interval must be at most a third of the session timeout",
+                          "heartbeat_interval_ms", "session_timeout_ms")  # fmt: skip
         return self
 
 
@@ -130,10 +145,9 @@ class HttpSettings(BaseModel):
 
     @model_validator(mode="after")
     def _token_for_writes(self) -> HttpSettings:
-        if self.writes_enabled and (self.token is None or len(self.token.get_secret_value()) < 16):
-            raise ValueError("writes_enabled needs a token of at least 16 characters")
-        if self.reads_need_token and (self.token is None or len(self.token.get_secret_value()) < 16):
-            raise ValueError("reads_need_token needs a token of at least 16 characters")
+        for name in ("writes_enabled", "reads_need_token"):
+            if getattr(self, name) and (self.token is None or len(self.token.get_secret_value()) < 16):
+                raise Invalid("needs a token of at least 16 characters", name, "token")
         return self
 
 
@@ -155,13 +169,13 @@ class RegistrySettings(BaseModel):
     @model_validator(mode="after")
     def _consistent(self) -> RegistrySettings:
         if (self.username is None) != (self.password is None):
-            raise ValueError("basic auth needs both username and password")
+            raise Invalid("basic auth needs both", "username", "password")
         if self.username is not None and self.bearer_token is not None:
-            raise ValueError("use basic auth or a bearer token, not both")
+            raise Invalid("use basic auth or a bearer token, not both", "username", "bearer_token")
         if self.ca_file is not None and not self.ca_file.is_file():
-            raise ValueError(f"ca_file: no such file {self.ca_file}")
+            raise Invalid(f"no such file {self.ca_file}", "ca_file")
         if not all(url.startswith(("http://", "https://")) for url in self.url_list):
-            raise ValueError("every URL must start with http:// or https://")
+            raise Invalid("every URL must start with http:// or https://", "urls")
         return self
 
     @property
@@ -193,3 +207,35 @@ class Settings(BaseSettings):
     @classmethod
     def _any_case(cls, level: object) -> object:
         return level.upper() if isinstance(level, str) else level
+
+
+def variable(loc: Sequence[str | int]) -> str:
+    """The environment variable of a setting: ("kafka", "ssl_cafile") -> DATASYNC_KAFKA__SSL_CAFILE."""
+    return "DATASYNC_" + "__".join(str(part) for part in loc).upper()
+
+
+def load_settings(flags: Mapping[tuple[str, ...], tuple[str, object]] | None = None) -> Settings:
+    """Settings from CLI ``flags`` (setting -> (flag, value)), the environment and ``.env``, all validated alike.
+
+    Raises SettingsError, one line naming the variables at fault (or the flags, for values given by flags).
+    """
+    overrides: dict[str, Any] = {}
+    for loc, (_, value) in (flags or {}).items():
+        group = overrides
+        for part in loc[:-1]:
+            group = group.setdefault(part, {})
+        group[loc[-1]] = value
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        names = {loc: flag for loc, (flag, _) in (flags or {}).items()}
+        raise SettingsError("invalid setting " + "; ".join(_problem(e, names) for e in exc.errors())) from None
+
+
+def _problem(error: ErrorDetails, names: Mapping[tuple[str, ...], str]) -> str:
+    """``NAME[, NAME]: why`` for one validation error."""
+    loc = tuple(str(part) for part in error["loc"])
+    cause = error.get("ctx", {}).get("error")
+    locs = [(*loc, field) for field in cause.fields] if isinstance(cause, Invalid) else [loc]
+    why = cause.message if isinstance(cause, Invalid) else str(cause) if cause is not None else error["msg"]
+    return f"{', '.join(names.get(at) or variable(at) for at in locs)}: {why}"
