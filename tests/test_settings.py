@@ -73,3 +73,17 @@ def test_every_problem_is_named_on_one_line(
         "datasync: invalid setting DATASYNC_SYNC__FETCH_MAX_RECORDS: Input should be greater than or equal to 1; "
         "DATASYNC_LOG_LEVEL: Input should be 'DEBUG', 'INFO', 'WARNING' or 'ERROR'"
     ])  # fmt: skip
+
+
+def test_a_group_variable_that_is_not_json(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DATASYNC_KAFKA", "notjson")
+    line = "datasync: invalid setting DATASYNC_KAFKA: not JSON (Expecting value: line 1 column 1 (char 0))"
+    assert datasync(capsys, "check") == (2, [line])
+
+
+def test_a_dotenv_that_cannot_be_read(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    (tmp_path / ".env").write_bytes(b"DATASYNC_LOG_LEVEL=\xff\n")
+    assert datasync(capsys, "check") == (2, ["datasync: cannot read .env: not UTF-8 at byte 19"])
+    (tmp_path / ".env").unlink()
+    (tmp_path / ".env").symlink_to("/proc/self/mem")  # a file that fails to read, even for root
+    assert datasync(capsys, "check") == (2, ["datasync: cannot read .env: Input/output error"])

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+import pydantic_settings
 from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_core import ErrorDetails
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -225,11 +227,20 @@ def load_settings(flags: Mapping[tuple[str, ...], tuple[str, object]] | None = N
         for part in loc[:-1]:
             group = group.setdefault(part, {})
         group[loc[-1]] = value
+    env_file = Settings.model_config["env_file"]
     try:
         return Settings(**overrides)
     except ValidationError as exc:
         names = {loc: flag for loc, (flag, _) in (flags or {}).items()}
         raise SettingsError("invalid setting " + "; ".join(_problem(e, names) for e in exc.errors())) from None
+    except pydantic_settings.SettingsError as exc:  # a group's variable (DATASYNC_KAFKA) that is not JSON
+        field = re.search(r'field "(\w+)"', str(exc))
+        where = variable([field[1]]) if field else str(exc)
+        raise SettingsError(f"invalid setting {where}: not JSON ({exc.__cause__ or exc})") from None
+    except UnicodeDecodeError as exc:
+        raise SettingsError(f"cannot read {env_file}: not UTF-8 at byte {exc.start}") from None
+    except OSError as exc:
+        raise SettingsError(f"cannot read {exc.filename or env_file}: {exc.strerror}") from None
 
 
 def _problem(error: ErrorDetails, names: Mapping[tuple[str, ...], str]) -> str:
