@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from datasync.cli import main
+from datasync.settings import load_settings
 
 
 @pytest.fixture(autouse=True)
@@ -87,3 +88,31 @@ def test_a_dotenv_that_cannot_be_read(capsys: pytest.CaptureFixture[str], tmp_pa
     (tmp_path / ".env").unlink()
     (tmp_path / ".env").symlink_to("/proc/self/mem")  # a file that fails to read, even for root
     assert datasync(capsys, "check") == (2, ["datasync: cannot read .env: Input/output error"])
+
+
+@pytest.mark.parametrize(("servers", "why"), [
+    ("127.0.0.1:abc", "'127.0.0.1:abc' is not host:port (host:port[,host:port])"),
+    ("127.0.0.1:99999", "'127.0.0.1:99999': the port must be 1-65535"),
+    ("kafka:0", "'kafka:0': the port must be 1-65535"),
+    ("http://127.0.0.1:1", "'http://127.0.0.1:1' is a URL: give host:port"),
+    ("a b:1", "'a b:1' is not host:port (host:port[,host:port])"),
+    ("kafka", "'kafka' is not host:port (host:port[,host:port])"),
+    (",", "'' is not host:port (host:port[,host:port])"),
+    ("a:1,,b:2", "'' is not host:port (host:port[,host:port])"),
+])  # fmt: skip
+def test_bootstrap_servers_must_be_host_port_pairs(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, servers: str, why: str
+) -> None:
+    for command in (["run"], ["check", "--broker"], ["topics", "create"]):
+        assert datasync(capsys, *command, "--bootstrap-servers", servers) == (
+            2, [f"datasync: invalid setting --bootstrap-servers: {why}"]
+        )  # fmt: skip
+    monkeypatch.setenv("DATASYNC_KAFKA__BOOTSTRAP_SERVERS", servers)
+    assert datasync(capsys, "check") == (2, [f"datasync: invalid setting DATASYNC_KAFKA__BOOTSTRAP_SERVERS: {why}"])
+
+
+def test_bootstrap_servers_of_every_form() -> None:
+    servers = " kafka-1.example.com:9092 , 10.0.0.7:19092,[::1]:9093,broker_2:1"
+    loaded = load_settings({("kafka", "bootstrap_servers"): ("--bootstrap-servers", servers)})
+    assert loaded.kafka.bootstrap_servers == "kafka-1.example.com:9092,10.0.0.7:19092,[::1]:9093,broker_2:1"
+    assert load_settings({("kafka", "bootstrap_servers"): ("--bootstrap-servers", " ")}).kafka.bootstrap_servers == ""

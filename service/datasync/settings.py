@@ -24,6 +24,10 @@ class Invalid(ValueError):
         self.fields = fields
 
 
+# One bootstrap server: a host name, an IPv4 address or a bracketed IPv6 address, and a port.
+HOST_PORT = re.compile(r"(?:[\w.-]+|\[[0-9A-Fa-f:.]+\]):(\d+)", re.ASCII)
+
+
 class KafkaSettings(BaseModel):
     """How to reach the Kafka cluster, including TLS and SASL for production clusters."""
 
@@ -42,6 +46,21 @@ class KafkaSettings(BaseModel):
     connect_give_up_s: float | None = Field(
         default=None, ge=0, description="`run` exits 1 when the broker stays unreachable this long; None: never"
     )
+
+    @field_validator("bootstrap_servers")
+    @classmethod
+    def _host_port_list(cls, servers: str) -> str:
+        """Refused here, not retried for ever as an unreachable broker (or a client's traceback)."""
+        listed = [server.strip() for server in servers.split(",")] if servers.strip() else []
+        for server in listed:
+            if "://" in server:
+                raise ValueError(f"{server!r} is a URL: give host:port")
+            found = HOST_PORT.fullmatch(server)
+            if not found:
+                raise ValueError(f"{server!r} is not host:port (host:port[,host:port])")
+            if not 1 <= int(found[1]) <= 65535:
+                raise ValueError(f"{server!r}: the port must be 1-65535")
+        return ",".join(listed)
 
     @model_validator(mode="after")
     def _consistent(self) -> KafkaSettings:
