@@ -7,12 +7,14 @@ without DATASYNC_ variables, in an empty directory (no .env).
 from __future__ import annotations
 
 import os
+import ssl
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from datasync.cli import main
-from datasync.settings import load_settings
+from datasync.settings import KafkaSettings, load_settings
 
 
 @pytest.fixture(autouse=True)
@@ -116,3 +118,69 @@ def test_bootstrap_servers_of_every_form() -> None:
     loaded = load_settings({("kafka", "bootstrap_servers"): ("--bootstrap-servers", servers)})
     assert loaded.kafka.bootstrap_servers == "kafka-1.example.com:9092,10.0.0.7:19092,[::1]:9093,broker_2:1"
     assert load_settings({("kafka", "bootstrap_servers"): ("--bootstrap-servers", " ")}).kafka.bootstrap_servers == ""
+
+
+@pytest.fixture(scope="module")
+def pem(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """cert.pem and its key.pem (encrypted.pem: the same key, password "pw"), other.pem (another key), bad.pem."""
+    folder = tmp_path_factory.mktemp("pem")
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=folder, check=True, capture_output=True)
+
+    openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", "key.pem",
+            "-out", "cert.pem", "-days", "1", "-subj", "/CN=datasync-test")  # fmt: skip
+    openssl("pkey", "-in", "key.pem", "-aes256", "-passout", "pass:pw", "-out", "encrypted.pem")
+    openssl("genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-out", "other.pem")
+    (folder / "bad.pem").write_text("not PEM\n")
+    return folder
+
+
+NO_CERT = "no certificate could be read from it (NO_CERTIFICATE_OR_CRL_FOUND)"
+NO_KEY = "no private key could be read from it (not PEM, or encrypted and ssl_password missing or wrong)"
+
+
+@pytest.mark.parametrize(("env", "line"), [
+    ({"SSL_CAFILE": "bad.pem"}, f"DATASYNC_KAFKA__SSL_CAFILE: {{pem}}/bad.pem: {NO_CERT}"),
+    ({"SSL_CERTFILE": "bad.pem", "SSL_KEYFILE": "key.pem"},
+     f"DATASYNC_KAFKA__SSL_CERTFILE: {{pem}}/bad.pem: {NO_CERT}"),
+    ({"SSL_CERTFILE": "cert.pem", "SSL_KEYFILE": "bad.pem"}, f"DATASYNC_KAFKA__SSL_KEYFILE: {{pem}}/bad.pem: {NO_KEY}"),
+    ({"SSL_CERTFILE": "cert.pem"}, f"DATASYNC_KAFKA__SSL_CERTFILE: {{pem}}/cert.pem: {NO_KEY}"),
+    ({"SSL_CERTFILE": "cert.pem", "SSL_KEYFILE": "encrypted.pem"},
+     f"DATASYNC_KAFKA__SSL_KEYFILE: {{pem}}/encrypted.pem: {NO_KEY}"),
+    ({"SSL_CERTFILE": "cert.pem", "SSL_KEYFILE": "encrypted.pem", "SSL_PASSWORD": "wrong"},
+     f"DATASYNC_KAFKA__SSL_KEYFILE: {{pem}}/encrypted.pem: {NO_KEY}"),
+    ({"SSL_CERTFILE": "cert.pem", "SSL_KEYFILE": "other.pem"},
+     "DATASYNC_KAFKA__SSL_KEYFILE: {pem}/other.pem: the key does not match the certificate in {pem}/cert.pem"),
+    ({"SSL_KEYFILE": "key.pem"}, "DATASYNC_KAFKA__SSL_KEYFILE: needs ssl_certfile (the client certificate)"),
+])  # fmt: skip
+def test_tls_files_are_loaded_when_settings_are_checked(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, pem: Path, env: dict[str, str], line: str
+) -> None:
+    monkeypatch.setenv("DATASYNC_KAFKA__SECURITY_PROTOCOL", "SSL")
+    for name, value in env.items():
+        monkeypatch.setenv(f"DATASYNC_KAFKA__{name}", value if name == "SSL_PASSWORD" else str(pem / value))
+    for command in (["check"], ["run"]):
+        assert datasync(capsys, *command) == (2, [f"datasync: invalid setting {line.format(pem=pem)}"])
+
+
+def test_a_registry_ca_file_is_loaded_when_settings_are_checked(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, pem: Path
+) -> None:
+    monkeypatch.setenv("DATASYNC_REGISTRY__CA_FILE", str(pem / "bad.pem"))
+    line = f"datasync: invalid setting DATASYNC_REGISTRY__CA_FILE: {pem}/bad.pem: {NO_CERT}"
+    assert datasync(capsys, "check") == (2, [line])
+
+
+def test_an_encrypted_key_with_its_password(pem: Path) -> None:
+    kafka = KafkaSettings(
+        security_protocol="SSL",
+        ssl_cafile=pem / "cert.pem",
+        ssl_certfile=pem / "cert.pem",
+        ssl_keyfile=pem / "encrypted.pem",
+        ssl_password="pw",  # type: ignore[arg-type]
+        ssl_check_hostname=False,
+    )
+    context = kafka.client_options()["ssl_context"]
+    assert isinstance(context, ssl.SSLContext) and not context.check_hostname
+    assert context is kafka.client_options()["ssl_context"]  # made once, shared by every client

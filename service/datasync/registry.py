@@ -18,7 +18,6 @@ import asyncio
 import base64
 import json
 import logging
-import ssl
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
@@ -92,9 +91,6 @@ class RegistryClient:
         self._cache: OrderedDict[int, WriterSchema | _Missing] = OrderedDict()
         self.evictions = 0  # schemas dropped from the cache so far (a value read before may need one again)
         self._ids: dict[tuple[str, str], int] = {}  # (subject, schema text) -> id, for writing
-        self._ssl: ssl.SSLContext | None = None
-        if settings.ca_file is not None:
-            self._ssl = ssl.create_default_context(cafile=str(settings.ca_file))
 
     # -- reading --------------------------------------------------------------
 
@@ -198,7 +194,8 @@ class RegistryClient:
             pair = f"{s.username}:{s.password.get_secret_value()}".encode()
             headers["Authorization"] = f"Basic {base64.b64encode(pair).decode()}"
         timeout = aiohttp.ClientTimeout(total=s.timeout_s)
-        connector = aiohttp.TCPConnector(ssl=self._ssl) if self._ssl is not None else None
+        context = self.settings.ssl_context
+        connector = aiohttp.TCPConnector(ssl=context) if context is not None else None
         return aiohttp.ClientSession(headers=headers, timeout=timeout, connector=connector)
 
     async def _retrying(self, call: Callable[[], Awaitable[T]], retry: bool | int) -> T:

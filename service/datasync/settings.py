@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import re
+import ssl
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import pydantic_settings
-from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, PrivateAttr, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_core import ErrorDetails
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -16,12 +17,30 @@ from datasync.errors import SettingsError
 
 
 class Invalid(ValueError):
-    """A check across settings of a group failed: names the settings involved, so that errors name their variables."""
+    """A group's own check failed: names the settings at fault, so that errors name their variables."""
 
     def __init__(self, message: str, *fields: str) -> None:
         super().__init__(f"{', '.join(fields)}: {message}")
         self.message = message
         self.fields = fields
+
+
+def _tls_context(cafile: Path | None, field: str) -> ssl.SSLContext:
+    """A client TLS context trusting the certificates in ``cafile`` (without one, the system's)."""
+    try:
+        return ssl.create_default_context(cafile=cafile)
+    except OSError as exc:  # ssl.SSLError too
+        why = exc.reason if isinstance(exc, ssl.SSLError) else exc.strerror
+        raise Invalid(f"{cafile}: no certificate could be read from it ({why})", field) from exc
+
+
+def _key_problem(exc: OSError, certfile: Path) -> str:
+    """Why the private key of the client certificate in ``certfile`` (which was read) could not be loaded."""
+    if not isinstance(exc, ssl.SSLError):
+        return str(exc.strerror)
+    if exc.reason == "KEY_VALUES_MISMATCH":
+        return f"the key does not match the certificate in {certfile}"
+    return "no private key could be read from it (not PEM, or encrypted and ssl_password missing or wrong)"
 
 
 # One bootstrap server: a host name, an IPv4 address or a bracketed IPv6 address, and a port.
@@ -38,6 +57,7 @@ class KafkaSettings(BaseModel):
     ssl_cafile: Path | None = None
     ssl_certfile: Path | None = None
     ssl_keyfile: Path | None = None
+    ssl_password: SecretStr | None = Field(default=None, description="the password of an encrypted private key")
     ssl_check_hostname: bool = True
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
     sasl_username: str | None = None
@@ -46,6 +66,7 @@ class KafkaSettings(BaseModel):
     connect_give_up_s: float | None = Field(
         default=None, ge=0, description="`run` exits 1 when the broker stays unreachable this long; None: never"
     )
+    _ssl_context: ssl.SSLContext | None = PrivateAttr(default=None)
 
     @field_validator("bootstrap_servers")
     @classmethod
@@ -72,6 +93,28 @@ class KafkaSettings(BaseModel):
             path = getattr(self, name)
             if path is not None and not path.is_file():
                 raise Invalid(f"no such file {path}", name)
+        stray = [name for name in ("ssl_keyfile", "ssl_password") if getattr(self, name) and not self.ssl_certfile]
+        if stray:
+            raise Invalid("needs ssl_certfile (the client certificate)", *stray)
+        return self
+
+    @model_validator(mode="after")
+    def _tls(self) -> KafkaSettings:
+        """Load the TLS files now: a bad one is a settings error naming it, not an unreachable broker."""
+        if not self.security_protocol.endswith("SSL"):
+            return self
+        context = _tls_context(self.ssl_cafile, "ssl_cafile")
+        if self.ssl_certfile is not None:
+            _tls_context(self.ssl_certfile, "ssl_certfile")  # it holds a certificate: what fails below is the key
+            key, field = (self.ssl_keyfile, "ssl_keyfile") if self.ssl_keyfile else (self.ssl_certfile, "ssl_certfile")
+            # A password, even "", keeps OpenSSL from prompting on the terminal for that of an encrypted key.
+            password = self.ssl_password.get_secret_value() if self.ssl_password else ""
+            try:
+                context.load_cert_chain(self.ssl_certfile, self.ssl_keyfile, password)
+            except OSError as exc:  # ssl.SSLError too
+                raise Invalid(f"{key}: {_key_problem(exc, self.ssl_certfile)}", field) from exc
+        context.check_hostname = self.ssl_check_hostname
+        self._ssl_context = context
         return self
 
     def client_options(self) -> dict[str, Any]:
@@ -82,16 +125,8 @@ class KafkaSettings(BaseModel):
             "request_timeout_ms": self.request_timeout_ms,
             "security_protocol": self.security_protocol,
         }
-        if self.security_protocol.endswith("SSL"):
-            from aiokafka.helpers import create_ssl_context
-
-            context = create_ssl_context(
-                cafile=self.ssl_cafile and str(self.ssl_cafile),
-                certfile=self.ssl_certfile and str(self.ssl_certfile),
-                keyfile=self.ssl_keyfile and str(self.ssl_keyfile),
-            )
-            context.check_hostname = self.ssl_check_hostname
-            options["ssl_context"] = context
+        if self._ssl_context is not None:  # with SSL (made by _tls)
+            options["ssl_context"] = self._ssl_context
         if self.security_protocol.startswith("SASL"):
             assert self.sasl_password is not None  # checked by _consistent
             options.update(
@@ -186,6 +221,7 @@ class RegistrySettings(BaseModel):
     cache_size: int = Field(default=1000, ge=1, description="writer schemas kept in memory (LRU)")
     auto_register: bool = Field(default=True, description="publishing registers a missing schema (else: look up)")
     subject_strategy: Literal["topic", "record", "topic_record"] = "topic"
+    _ssl_context: ssl.SSLContext | None = PrivateAttr(default=None)
 
     @model_validator(mode="after")
     def _consistent(self) -> RegistrySettings:
@@ -195,9 +231,16 @@ class RegistrySettings(BaseModel):
             raise Invalid("use basic auth or a bearer token, not both", "username", "bearer_token")
         if self.ca_file is not None and not self.ca_file.is_file():
             raise Invalid(f"no such file {self.ca_file}", "ca_file")
+        if self.ca_file is not None:  # loaded now: a bad file is a settings error naming it
+            self._ssl_context = _tls_context(self.ca_file, "ca_file")
         if not all(url.startswith(("http://", "https://")) for url in self.url_list):
             raise Invalid("every URL must start with http:// or https://", "urls")
         return self
+
+    @property
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """The TLS context trusting ``ca_file``; None: the client's default."""
+        return self._ssl_context
 
     @property
     def url_list(self) -> list[str]:
