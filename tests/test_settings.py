@@ -184,3 +184,32 @@ def test_an_encrypted_key_with_its_password(pem: Path) -> None:
     context = kafka.client_options()["ssl_context"]
     assert isinstance(context, ssl.SSLContext) and not context.check_hostname
     assert context is kafka.client_options()["ssl_context"]  # made once, shared by every client
+
+
+@pytest.mark.parametrize(("name", "value", "why"), [
+    ("DATASYNC_SYNC__CREATE_TOPIC", "false",
+     "DATASYNC_SYNC__CREATE_TOPIC: no such setting (did you mean DATASYNC_SYNC__CREATE_TOPICS?)"),
+    ("DATASYNC_SYNC__BOGUS", "1", "DATASYNC_SYNC__BOGUS: no such setting"),
+    ("DATASYNC_KAFKA", '{"bogus": 1}', "DATASYNC_KAFKA__BOGUS: no such setting"),
+    ("DATASYNC_LOG_LEVL", "debug", "DATASYNC_LOG_LEVL: no such setting (did you mean DATASYNC_LOG_LEVEL?)"),
+    ("DATASYNC_KAFKA_BOOTSTRAP_SERVERS", "kafka:9092",
+     "DATASYNC_KAFKA_BOOTSTRAP_SERVERS: no such setting (did you mean DATASYNC_KAFKA__BOOTSTRAP_SERVERS?)"),
+    ("DATASYNC_NOSUCH__KEY", "1", "DATASYNC_NOSUCH__KEY: no such setting"),
+    ("datasync_http__prot", "1", "DATASYNC_HTTP__PROT: no such setting (did you mean DATASYNC_HTTP__PORT?)"),
+])  # fmt: skip
+def test_an_unknown_variable_is_refused(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path, name: str, value: str, why: str
+) -> None:
+    monkeypatch.setenv(name, value)
+    assert datasync(capsys, "check") == (2, [f"datasync: invalid setting {why}"])
+    monkeypatch.delenv(name)
+    (tmp_path / ".env").write_text(f"{name}='{value}'\n")
+    assert datasync(capsys, "check") == (2, [f"datasync: invalid setting {why}"])
+
+
+def test_variables_that_are_not_ours_are_left_alone(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("DATASYNC_KAFKA_CACHE", str(tmp_path))  # read by tools/localkafka.py
+    monkeypatch.setenv("DATASYNC_TEST_BOOTSTRAP", "127.0.0.1:9092")  # read by the tests
+    monkeypatch.setenv("COMPOSE_PROJECT_NAME", "demo")
+    (tmp_path / ".env").write_text("COMPOSE_PROJECT_NAME=demo\nDATASYNC_SYNC__CREATE_TOPICS=false\n")
+    assert load_settings().sync.create_topics is False

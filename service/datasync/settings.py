@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import re
 import ssl
 from collections.abc import Mapping, Sequence
@@ -9,9 +10,19 @@ from pathlib import Path
 from typing import Any, Literal
 
 import pydantic_settings
-from pydantic import BaseModel, Field, PrivateAttr, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic.fields import FieldInfo
 from pydantic_core import ErrorDetails
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
 from datasync.errors import SettingsError
 
@@ -43,11 +54,17 @@ def _key_problem(exc: OSError, certfile: Path) -> str:
     return "no private key could be read from it (not PEM, or encrypted and ssl_password missing or wrong)"
 
 
+class Group(BaseModel):
+    """A group of settings (``DATASYNC_GROUP__KEY``): a key it does not have, a typo, is refused, not ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
 # One bootstrap server: a host name, an IPv4 address or a bracketed IPv6 address, and a port.
 HOST_PORT = re.compile(r"(?:[\w.-]+|\[[0-9A-Fa-f:.]+\]):(\d+)", re.ASCII)
 
 
-class KafkaSettings(BaseModel):
+class KafkaSettings(Group):
     """How to reach the Kafka cluster, including TLS and SASL for production clusters."""
 
     bootstrap_servers: str = Field(default="", description="host:port[,host:port]; empty: none configured")
@@ -137,7 +154,7 @@ class KafkaSettings(BaseModel):
         return options
 
 
-class SyncSettings(BaseModel):
+class SyncSettings(Group):
     """How the engine reads, retries and batches."""
 
     fetch_max_records: int = Field(default=5000, ge=1, description="records per CHANGE batch at most")
@@ -159,7 +176,7 @@ class SyncSettings(BaseModel):
     shutdown_timeout_s: float = Field(default=10.0, ge=0, description="time in-flight plugin calls get at shutdown")
 
 
-class GroupSettings(BaseModel):
+class GroupSettings(Group):
     """Running several instances: the Kafka consumer group that divides partitioned topics among them."""
 
     id: str | None = Field(default=None, min_length=1, description="group id; unset: a single instance reads all")
@@ -179,7 +196,7 @@ class GroupSettings(BaseModel):
         return self
 
 
-class SnapshotSettings(BaseModel):
+class SnapshotSettings(Group):
     """When state-table snapshots are written (only with a state directory, ``DATASYNC_STATE_DIR``)."""
 
     interval_s: float = Field(default=600.0, ge=0, description="periodic snapshots; 0: none")
@@ -187,7 +204,7 @@ class SnapshotSettings(BaseModel):
     on_shutdown: bool = Field(default=True, description="at a clean shutdown")
 
 
-class HttpSettings(BaseModel):
+class HttpSettings(Group):
     """The HTTP server: metrics, health, readiness, status."""
 
     enabled: bool = True
@@ -207,7 +224,7 @@ class HttpSettings(BaseModel):
         return self
 
 
-class RegistrySettings(BaseModel):
+class RegistrySettings(Group):
     """A Confluent-compatible schema registry, for topics declared ``value: registry:NAME``."""
 
     urls: str = Field(default="", description="base URL(s), comma-separated, tried in turn; empty: none")
@@ -252,7 +269,8 @@ class Settings(BaseSettings):
         env_prefix="DATASYNC_",
         env_nested_delimiter="__",
         env_file=".env",
-        extra="ignore",
+        extra="forbid",  # DATASYNC_ variables that name no setting, see _Unknown
+        dotenv_filtering="only_existing",  # other variables in .env are not ours
     )
 
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
@@ -271,6 +289,64 @@ class Settings(BaseSettings):
     @classmethod
     def _any_case(cls, level: object) -> object:
         return level.upper() if isinstance(level, str) else level
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        unknown = _Unknown(settings_cls, env_settings, dotenv_settings)
+        return init_settings, env_settings, dotenv_settings, file_secret_settings, unknown
+
+
+# Variables of the project's tools (tools/localkafka.py, the tests) that are not the service's settings.
+NOT_SETTINGS = frozenset({"DATASYNC_KAFKA_CACHE", "DATASYNC_TEST_BOOTSTRAP"})
+
+
+class _Unknown(PydanticBaseSettingsSource):
+    """The DATASYNC_ variables (environment and .env) that name no setting, for extra="forbid" to refuse.
+
+    The other sources read only the names of settings, so a misspelled top-level one would go unnoticed; a
+    misspelled key of a group is refused by the group itself.
+    """
+
+    def __init__(self, settings_cls: type[BaseSettings], *sources: PydanticBaseSettingsSource) -> None:
+        super().__init__(settings_cls)
+        self._sources = [source for source in sources if isinstance(source, EnvSettingsSource)]
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # not asked: __call__ is
+
+    def __call__(self) -> dict[str, Any]:
+        fields = self.settings_cls.model_fields
+        unknown: dict[str, Any] = {}
+        for source in self._sources:
+            for name, value in source.env_vars.items():  # lower case
+                key = name.removeprefix("datasync_")
+                head, nested, _ = key.partition("__")
+                named = head in fields and (not nested or _group(fields[head]) is not None)
+                if key != name and not named and name.upper() not in NOT_SETTINGS:
+                    unknown[key] = value
+        return unknown
+
+
+def _group(field: FieldInfo) -> type[Group] | None:
+    """The model of a group of settings (kafka, sync, ...); None for a setting of its own."""
+    kind = field.annotation
+    return kind if isinstance(kind, type) and issubclass(kind, Group) else None
+
+
+def _settings_variables() -> list[str]:
+    """Every setting's variable, for suggestions."""
+    names = []
+    for name, field in Settings.model_fields.items():
+        group = _group(field)
+        names += [variable((name, key)) for key in group.model_fields] if group else [variable((name,))]
+    return names
 
 
 def variable(loc: Sequence[str | int]) -> str:
@@ -311,4 +387,7 @@ def _problem(error: ErrorDetails, names: Mapping[tuple[str, ...], str]) -> str:
     cause = error.get("ctx", {}).get("error")
     locs = [(*loc, field) for field in cause.fields] if isinstance(cause, Invalid) else [loc]
     why = cause.message if isinstance(cause, Invalid) else str(cause) if cause is not None else error["msg"]
+    if error["type"] == "extra_forbidden":
+        near = difflib.get_close_matches(variable(loc), _settings_variables(), n=1, cutoff=0.8)
+        why = "no such setting" + (f" (did you mean {near[0]}?)" if near else "")
     return f"{', '.join(names.get(at) or variable(at) for at in locs)}: {why}"
