@@ -72,14 +72,17 @@ async def connect_with_retry(
             raise error
         waited = time.monotonic() - started
         startup.waiting = f"waiting for broker at {kafka.bootstrap_servers}: {reason(error)}"
-        if kafka.connect_give_up_s is not None and waited + delay > kafka.connect_give_up_s:
-            raise GaveUp(f"broker at {kafka.bootstrap_servers} unreachable for {waited:.0f}s: {reason(error)}")
+        wait = delay
+        if kafka.connect_give_up_s is not None:
+            if waited >= kafka.connect_give_up_s:
+                raise GaveUp(f"broker at {kafka.bootstrap_servers} unreachable for {waited:.0f}s: {reason(error)}")
+            wait = min(delay, kafka.connect_give_up_s - waited)  # the last attempt is at the limit
         log.warning(
-            "broker at %s unreachable (attempt %d): %s; retrying in %.0fs",
-            *(kafka.bootstrap_servers, attempt, reason(error), delay),
+            "broker at %s unreachable (attempt %d): %s; retrying in %gs",
+            *(kafka.bootstrap_servers, attempt, reason(error), round(wait, 1)),
         )
         try:
-            await asyncio.wait_for(stop.wait(), timeout=delay)
+            await asyncio.wait_for(stop.wait(), timeout=wait)
             return False
         except TimeoutError:
             pass
