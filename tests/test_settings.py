@@ -6,9 +6,11 @@ without DATASYNC_ variables, in an empty directory (no .env).
 
 from __future__ import annotations
 
+import logging
 import os
 import ssl
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,11 +20,17 @@ from datasync.settings import KafkaSettings, load_settings
 
 
 @pytest.fixture(autouse=True)
-def clean(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def clean(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
     for name in list(os.environ):
         if name.startswith("DATASYNC_"):
             monkeypatch.delenv(name)
     monkeypatch.chdir(tmp_path)
+    loggers = [logging.getLogger(), logging.getLogger("aiokafka")]
+    saved = [(logger, logger.handlers[:], logger.level) for logger in loggers]
+    yield
+    for logger, handlers, level in saved:  # as they were before main() set logging up
+        logger.handlers[:] = handlers
+        logger.setLevel(level)
 
 
 def datasync(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, list[str]]:
@@ -213,3 +221,15 @@ def test_variables_that_are_not_ours_are_left_alone(monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv("COMPOSE_PROJECT_NAME", "demo")
     (tmp_path / ".env").write_text("COMPOSE_PROJECT_NAME=demo\nDATASYNC_SYNC__CREATE_TOPICS=false\n")
     assert load_settings().sync.create_topics is False
+
+
+def test_an_http_host_that_does_not_resolve(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    (tmp_path / "topics").mkdir()
+    (tmp_path / "topics" / "t.yaml").write_text("topics: [{name: t, value: string}]\n")
+    (tmp_path / "schemas").mkdir()
+    monkeypatch.setenv("DATASYNC_HTTP__HOST", "nosuch.invalid")
+    status, lines = datasync(capsys, "run", "--bootstrap-servers", "127.0.0.1:1")
+    assert status == 1 and len(lines) == 1
+    assert lines[0].startswith("datasync: cannot serve HTTP on nosuch.invalid:8080: the host name does not resolve (")

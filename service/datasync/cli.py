@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -192,6 +193,8 @@ async def _run(settings: Settings, bindings: Bindings, args: argparse.Namespace)
         except OSError as exc:
             where = f"{settings.http.host}:{settings.http.port}"
             why = os.strerror(exc.errno) if exc.errno else str(exc)
+            if isinstance(exc, socket.gaierror):  # its errno is no OS error number
+                why = f"the host name does not resolve ({exc.strerror})"
             print(f"datasync: cannot serve HTTP on {where}: {why}", file=sys.stderr)
             return 1
     _summary(settings, bindings, http)
