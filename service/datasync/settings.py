@@ -54,6 +54,9 @@ def _key_problem(exc: OSError, certfile: Path) -> str:
     return "no private key could be read from it (not PEM, or encrypted and ssl_password missing or wrong)"
 
 
+PREFIX = "DATASYNC_"
+
+
 class Group(BaseModel):
     """A group of settings (``DATASYNC_GROUP__KEY``): a key it does not have, a typo, is refused, not ignored."""
 
@@ -266,7 +269,7 @@ class RegistrySettings(Group):
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
-        env_prefix="DATASYNC_",
+        env_prefix=PREFIX,
         env_nested_delimiter="__",
         env_file=".env",
         extra="forbid",  # DATASYNC_ variables that name no setting, see _Unknown
@@ -325,11 +328,12 @@ class _Unknown(PydanticBaseSettingsSource):
         fields = self.settings_cls.model_fields
         unknown: dict[str, Any] = {}
         for source in self._sources:
-            for name, value in source.env_vars.items():  # lower case
-                key = name.removeprefix("datasync_")
+            for name, value in source.env_vars.items():  # in lower case
+                if not name.startswith(PREFIX.lower()) or name.upper() in NOT_SETTINGS:
+                    continue
+                key = name.removeprefix(PREFIX.lower())
                 head, nested, _ = key.partition("__")
-                named = head in fields and (not nested or _group(fields[head]) is not None)
-                if key != name and not named and name.upper() not in NOT_SETTINGS:
+                if head not in fields or (nested and _group(fields[head]) is None):
                     unknown[key] = value
         return unknown
 
@@ -351,7 +355,7 @@ def _settings_variables() -> list[str]:
 
 def variable(loc: Sequence[str | int]) -> str:
     """The environment variable of a setting: ("kafka", "ssl_cafile") -> DATASYNC_KAFKA__SSL_CAFILE."""
-    return "DATASYNC_" + "__".join(str(part) for part in loc).upper()
+    return PREFIX + "__".join(str(part) for part in loc).upper()
 
 
 def load_settings(flags: Mapping[tuple[str, ...], tuple[str, object]] | None = None) -> Settings:
