@@ -106,7 +106,6 @@ def test_a_dotenv_that_cannot_be_read(capsys: pytest.CaptureFixture[str], tmp_pa
     ("kafka:0", "'kafka:0': the port must be 1-65535"),
     ("http://127.0.0.1:1", "'http://127.0.0.1:1' is a URL: give host:port"),
     ("a b:1", "'a b:1' is not host:port (host:port[,host:port])"),
-    ("kafka", "'kafka' is not host:port (host:port[,host:port])"),
     (",", "'' is not host:port (host:port[,host:port])"),
     ("a:1,,b:2", "'' is not host:port (host:port[,host:port])"),
 ])  # fmt: skip
@@ -122,9 +121,9 @@ def test_bootstrap_servers_must_be_host_port_pairs(
 
 
 def test_bootstrap_servers_of_every_form() -> None:
-    servers = " kafka-1.example.com:9092 , 10.0.0.7:19092,[::1]:9093,broker_2:1"
+    servers = " kafka-1.example.com:9092 , 10.0.0.7:19092,[::1]:9093,broker_2:1,kafka"
     loaded = load_settings({("kafka", "bootstrap_servers"): ("--bootstrap-servers", servers)})
-    assert loaded.kafka.bootstrap_servers == "kafka-1.example.com:9092,10.0.0.7:19092,[::1]:9093,broker_2:1"
+    assert loaded.kafka.bootstrap_servers == "kafka-1.example.com:9092,10.0.0.7:19092,[::1]:9093,broker_2:1,kafka"
     assert load_settings({("kafka", "bootstrap_servers"): ("--bootstrap-servers", " ")}).kafka.bootstrap_servers == ""
 
 

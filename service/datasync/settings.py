@@ -63,14 +63,15 @@ class Group(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-# One bootstrap server: a host name, an IPv4 address or a bracketed IPv6 address, and a port.
-HOST_PORT = re.compile(r"(?:[\w.-]+|\[[0-9A-Fa-f:.]+\]):(\d+)", re.ASCII)
+# One bootstrap server: a host name, an IPv4 address or a bracketed IPv6 address, and a port
+# (without one, Kafka's 9092, as every Kafka client).
+HOST_PORT = re.compile(r"(?:[\w.-]+|\[[0-9A-Fa-f:.]+\])(?::(\d+))?", re.ASCII)
 
 
 class KafkaSettings(Group):
     """How to reach the Kafka cluster, including TLS and SASL for production clusters."""
 
-    bootstrap_servers: str = Field(default="", description="host:port[,host:port]; empty: none configured")
+    bootstrap_servers: str = Field(default="", description="host[:port][,host[:port]]; empty: none configured")
     client_id: str = "datasync"
     request_timeout_ms: int = Field(default=30_000, ge=1000)
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
@@ -99,7 +100,7 @@ class KafkaSettings(Group):
             found = HOST_PORT.fullmatch(server)
             if not found:
                 raise ValueError(f"{server!r} is not host:port (host:port[,host:port])")
-            if not 1 <= int(found[1]) <= 65535:
+            if found[1] is not None and not 1 <= int(found[1]) <= 65535:
                 raise ValueError(f"{server!r}: the port must be 1-65535")
         return ",".join(listed)
 
