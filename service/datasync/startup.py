@@ -72,14 +72,15 @@ async def connect_with_retry(
             raise error
         waited = time.monotonic() - started
         startup.waiting = f"waiting for broker at {kafka.bootstrap_servers}: {reason(error)}"
+        state = "not ready" if isinstance(error, TopicError) else "unreachable"  # reached, but topics are missing
         wait = delay
         if kafka.connect_give_up_s is not None:
             if waited >= kafka.connect_give_up_s:
-                raise GaveUp(f"broker at {kafka.bootstrap_servers} unreachable for {waited:.0f}s: {reason(error)}")
+                raise GaveUp(f"broker at {kafka.bootstrap_servers} {state} for {waited:.0f}s: {reason(error)}")
             wait = min(delay, kafka.connect_give_up_s - waited)  # the last attempt is at the limit
         log.warning(
-            "broker at %s unreachable (attempt %d): %s; retrying in %gs",
-            *(kafka.bootstrap_servers, attempt, reason(error), round(wait, 1)),
+            "broker at %s %s (attempt %d): %s; retrying in %gs",
+            *(kafka.bootstrap_servers, state, attempt, reason(error), round(wait, 1)),
         )
         try:
             await asyncio.wait_for(stop.wait(), timeout=wait)
