@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import pytest
 from aiokafka import AIOKafkaProducer
 
-from datasync import PluginState
+from datasync import DataSync, PluginState
 from datasync.bindings import TopicSpec
 from datasync.codecs import AvroCodec, StringCodec
 from datasync.schemas import SchemaStore
@@ -402,3 +403,26 @@ async def test_a_plugin_may_close_its_own_registration(make_engine, producer: AI
     async with asyncio.timeout(10):
         await engine.wait_for(lambda: other.view == {"a": "1", "b": "2"})
     assert quitter.view == {"a": "1"} and engine.running
+
+
+async def test_a_failed_engine_task_is_logged_when_it_fails(
+    make_engine, topic: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A bug that ends the engine task is logged at once (not when the service stops), and
+    ``wait_ended`` returns it: `datasync run` exits 1 on it, so that it is restarted."""
+    engine = make_engine(topic)
+    engine.watch("p", Recorder(), {topic: [""]})
+    await create(engine)
+
+    async def bug(self: DataSync) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(DataSync, "_resync_due", bug)
+    await engine.start()
+    async with asyncio.timeout(20):
+        failure = await engine.wait_ended()
+    assert isinstance(failure, RuntimeError) and not engine.running
+    logged = [r for r in caplog.records if r.levelname == "ERROR" and r.name == "datasync"]
+    assert [r.getMessage() for r in logged] == [
+        "datasync-engine failed, the engine no longer synchronises: RuntimeError('a bug')"
+    ]

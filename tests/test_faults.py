@@ -67,20 +67,45 @@ async def test_broker_lost_and_regained(own_broker: LocalBroker, topic: str) -> 
     assert {("delete", "k1"), ("delete", "k2"), ("put", "k3"), ("put", "k10")} <= delta_ops
 
 
-async def test_stop_while_the_broker_is_away(own_broker: LocalBroker, topic: str) -> None:
-    kafka = KafkaSettings(bootstrap_servers=own_broker.bootstrap, request_timeout_ms=5000)
+async def ready_engine(own_broker: LocalBroker, topic: str, request_timeout_ms: int) -> DataSync:
+    kafka = KafkaSettings(bootstrap_servers=own_broker.bootstrap, request_timeout_ms=request_timeout_ms)
     engine = DataSync(kafka, QUICK)
     engine.add_topic(TopicSpec(name=topic, partitions=2, value="string"), StringCodec())
     engine.watch("p", Recorder("p"), {topic: [""]})
     await engine.start()
     async with asyncio.timeout(20):
         await engine.wait_ready()
+    return engine
+
+
+async def test_stop_while_the_broker_is_away(own_broker: LocalBroker, topic: str) -> None:
+    engine = await ready_engine(own_broker, topic, 5000)
     await asyncio.to_thread(own_broker.stop, keep_data=True)
     try:
         async with asyncio.timeout(20):
             await engine.wait_for(lambda: not engine.broker_connected)
         async with asyncio.timeout(30):
             await engine.stop()  # no exception, no hang: fetches were failing and retrying meanwhile
+    finally:
+        await asyncio.to_thread(own_broker.start)
+
+
+async def test_stop_while_a_rebuild_waits_for_the_broker_is_prompt(
+    own_broker: LocalBroker, topic: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The engine backs off between failed rebuilds (up to 30 s): stop() ends the wait at once."""
+    engine = await ready_engine(own_broker, topic, 2000)
+    await asyncio.to_thread(own_broker.stop, keep_data=True)
+    try:
+        engine.request_resync("test")
+
+        async def backing_off() -> bool:  # the waits double: 1, 2, 4, 8 s...
+            return any("; retrying in 8.0s" in r.getMessage() for r in caplog.records if r.name == "datasync")
+
+        async with asyncio.timeout(60):
+            await eventually(backing_off)
+        async with asyncio.timeout(5):  # not the rest of an 8 s wait, nor the 10 s shutdown time-out
+            await engine.stop()
     finally:
         await asyncio.to_thread(own_broker.start)
 

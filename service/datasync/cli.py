@@ -209,11 +209,12 @@ async def _run(settings: Settings, bindings: Bindings, args: argparse.Namespace)
             raise ConfigError(str(settings.topics_dir), "", "; ".join(fatal))
         await engine.start()
 
+    failure: BaseException | None = None
     try:
         if await connect_with_retry(connect, settings.kafka, startup, stop):
             startup.starting = False
             log.info("connected to %s", settings.kafka.bootstrap_servers)
-            await stop.wait()
+            failure = await _until_stopped(stop, engine)
     finally:
         startup.starting = False
         log.info("shutting down")
@@ -221,7 +222,22 @@ async def _run(settings: Settings, bindings: Bindings, args: argparse.Namespace)
             await http.stop()
         await engine.stop()
     log.info("stopped")
+    if failure is not None:  # logged with its traceback when it happened
+        print(f"datasync: the engine failed: {failure!r}", file=sys.stderr)
+        return 1
     return 0
+
+
+async def _until_stopped(stop: asyncio.Event, engine: DataSync) -> BaseException | None:
+    """Wait for SIGTERM/SIGINT, or for the engine to fail (a bug: exit 1, so that an orchestrator
+    restarts the service rather than leave it serving stale tables)."""
+    stopped, ended = asyncio.create_task(stop.wait()), asyncio.create_task(engine.wait_ended())
+    try:
+        await asyncio.wait([stopped, ended], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+        ended.cancel()
+    return None if stop.is_set() else ended.result()
 
 
 def _summary(settings: Settings, bindings: Bindings, http: HttpServer | None) -> None:

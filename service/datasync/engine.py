@@ -63,6 +63,7 @@ log = logging.getLogger("datasync")
 # 250 ms); an idle engine stepping ten times a second costs nothing measurable.
 IDLE_FETCH_MS = 100
 PROGRESS_EVERY_S = 10.0  # how often a long table read logs its progress
+CANCEL_GRACE_S = 1.0  # how long stop() waits for a cancelled task to end before leaving it behind
 
 
 @contextmanager
@@ -76,6 +77,12 @@ def cyclic_gc_paused() -> Iterator[None]:
     finally:
         if enabled:
             gc.enable()
+
+
+def _log_failure(task: asyncio.Task[None]) -> None:
+    """Log a background task that died (a bug) when it dies, not when the service stops."""
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        log.error("%s failed, the engine no longer synchronises: %r", task.get_name(), exc, exc_info=exc)
 
 
 class Progress:
@@ -134,7 +141,8 @@ class DataSync:
         self._task: asyncio.Task[None] | None = None
         self._watchdog: asyncio.Task[None] | None = None
         self._resync_reason: str | None = "start"
-        self._stopping = False
+        self._stop = asyncio.Event()  # set by stop()
+        self._unapplied = False  # a fetched batch is not folded into the tables yet
         self._closing: list[tuple[Registration, asyncio.Future[None]]] = []  # close() requests
         self._wakeup = asyncio.Event()
         self._changed = asyncio.Condition()
@@ -331,7 +339,8 @@ class DataSync:
         """Create missing topics, connect, and start synchronising in the background."""
         if self._task is not None:
             raise RuntimeError("already started")
-        self._stopping = False  # a start attempt that failed part-way ran stop()
+        self._stop.clear()  # a start attempt that failed part-way ran stop()
+        self._unapplied = False
         self._resync_reason = self._resync_reason or "start"
         dead = {name: spec.dead_letter for name, spec in self._topics.items() if spec.dead_letter}
         declared = list(self._declared.values())
@@ -362,10 +371,12 @@ class DataSync:
         self._deliveries.start()
         self._task = asyncio.create_task(self._run(), name="datasync-engine")
         self._watchdog = asyncio.create_task(self._watch_broker(), name="datasync-broker-watch")
+        for task in (self._task, self._watchdog):
+            task.add_done_callback(_log_failure)
 
     async def stop(self) -> None:
         """Stop fetching, let the plugin call in flight finish (bounded), stop the plugins, close."""
-        self._stopping = True
+        self._stop.set()
         self._deliveries.halt()  # no further change calls; the ones in flight may end
         self._wakeup.set()
         if self._fleet is not None:
@@ -376,18 +387,17 @@ class DataSync:
                     await asyncio.wait([self._task])
                 await self._deliveries.wait_idle()
         except TimeoutError:
-            running = ", ".join(f"{name} ({kind})" for name, kind in self._calls.running.items()) or "none"
-            log.warning("plugin calls still running after %.1fs, cancelled: %s", self.sync.shutdown_timeout_s, running)
+            running = ", ".join(f"{name} ({kind})" for name, kind in self._calls.running.items())
+            log.warning("%s after %.1fs: cancelled", f"plugin calls still running: {running}" if running
+                        else "the engine had not stopped", self.sync.shutdown_timeout_s)  # fmt: skip
         await self._deliveries.stop()
         for task in (self._watchdog, self._task):
             if task is not None:
                 task.cancel()
-                try:
-                    await task
-                except asyncio.CancelledError:
-                    pass
-                except Exception:  # it died earlier; stopping goes on regardless
-                    log.exception("engine task %s had failed", task.get_name())
+                await asyncio.wait([task], timeout=CANCEL_GRACE_S)  # a failure was logged when it happened
+                if not task.done():
+                    log.error("task %s ignored its cancellation (a plugin call catching CancelledError?): "
+                              "left behind", task.get_name())  # fmt: skip
         self._task = self._watchdog = None
         if self._fleet is not None:  # leave the group now: the others take over without a session timeout
             await self._fleet.stop()
@@ -397,7 +407,8 @@ class DataSync:
                 closed.set_result(None)
         self._closing.clear()
         if self._snapshots is not None:  # before the plugins stop: their stop() may take a while
-            await self._snapshots.close(self._reader, self._tables, final=self.generation > 0 and not self.rebuilding)
+            final = self.generation > 0 and not self.rebuilding and not self._unapplied
+            await self._snapshots.close(self._reader, self._tables, final=final)
         for reg in reversed(self._registrations):
             if reg.started:
                 await self._calls.hook(reg, "stop")
@@ -409,6 +420,14 @@ class DataSync:
             await self._reader.stop()
             self._reader = None
 
+    async def wait_ended(self) -> BaseException | None:
+        """Wait until the engine task ends: after ``stop()`` (None), or on a bug (its exception)."""
+        task = self._task
+        if task is None:
+            return None
+        await asyncio.wait([task])
+        return None if task.cancelled() else task.exception()
+
     def request_resync(self, reason: str) -> None:
         """Rebuild the tables from the topics and resync every plugin, in order."""
         self._resync_reason = reason
@@ -418,7 +437,7 @@ class DataSync:
         assert self._reader is not None
         reader = self._reader
         failures = 0
-        while not self._stopping:
+        while not self._stop.is_set():
             self.last_step = time.monotonic()
             while self._closing:
                 reg, done = self._closing.pop(0)
@@ -433,12 +452,12 @@ class DataSync:
                 if self._resync_reason is not None:
                     await self._rebuild(reader)
                 await self._resync_due()
-                if self._stopping:
+                if self._stop.is_set():
                     break
                 if self._snapshots is not None and self._snapshots.due(self._quiet()):
                     await self._snapshots.save(reader, self._tables)
                 batch = await reader.fetch(self._fetch_timeout_ms())
-                if batch and not self._stopping:
+                if batch:  # the position has moved past it: fold it even when stopping (the snapshot)
                     await self._apply(batch)
                 failures = 0
             except Rebalancing:
@@ -451,7 +470,10 @@ class DataSync:
                 failures += 1
                 delay = min(0.5 * 2**failures, 30.0)
                 log.warning("%r; retrying in %.1fs", exc, delay)
-                await asyncio.sleep(delay)
+                try:
+                    await asyncio.wait_for(self._stop.wait(), delay)
+                except TimeoutError:
+                    pass
             await self._notify()
 
     async def _watch_broker(self) -> None:
@@ -617,7 +639,7 @@ class DataSync:
         pending = set(self._topics)
         progress = Progress()
         with cyclic_gc_paused():  # the read allocates millions of short-lived, acyclic records
-            while not self._stopping:
+            while not self._stop.is_set():
                 left = await reader.behind(ends)
                 self._remaining = {name: 0 for name in self._topics}
                 for tp, n in left.items():
@@ -638,7 +660,7 @@ class DataSync:
                 for tp, records in batch.items():
                     self._ingest.fold_all(tables[tp.topic], records)
                 await self._dead_letters.send(self._ingest.take_rejected())
-        if self._stopping:
+        if self._stop.is_set():
             return False
         self.generation += 1
         self.rebuilding = False
@@ -670,7 +692,7 @@ class DataSync:
     async def _resync_due(self) -> None:
         now = time.monotonic()
         for reg in list(self._registrations):
-            if self._stopping:
+            if self._stop.is_set():
                 return
             if reg.status.state is not PluginState.READY and reg.due <= now and reg in self._registrations:
                 await self._resync(reg)
@@ -739,8 +761,10 @@ class DataSync:
         """Fold a fetched batch into the tables and deliver its changes in plugin order."""
         assert self._ingest is not None and self._dead_letters is not None
         ingest = self._ingest
+        self._unapplied = True  # the reader's position is past records the tables may lack
         await ingest.prepare(batch, self._tables)
-        ready = [r for r in self._registrations if r.status.state is PluginState.READY]
+        # Stopping: fold only, so that the tables match the position a shutdown snapshot records.
+        ready = [] if self._stop.is_set() else [r for r in self._registrations if r.status.state is PluginState.READY]
         outbox: dict[Registration, list[Change]] = {r: [] for r in ready}
         self._seq += 1
         for tp, records in batch.items():
@@ -757,5 +781,6 @@ class DataSync:
                     if key.startswith(prefix) and (not changes or changes[-1] is not change):
                         changes.append(change)
             self.metrics.table_keys.labels(topic).set(len(table))
+        self._unapplied = False
         await self._dead_letters.send(ingest.take_rejected())
         await self._deliveries.put(self._seq, outbox)

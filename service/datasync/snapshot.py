@@ -279,7 +279,10 @@ class Snapshots:
         for tmp in directory.glob(f"*{TMP_SUFFIX}"):
             log.warning("removing %s: a snapshot write was interrupted (the previous snapshot, if any, is intact)",
                         tmp)  # fmt: skip
-            tmp.unlink(missing_ok=True)
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError as exc:  # a read-only directory: loading goes on, writing will fail and be counted
+                log.warning("cannot remove %s: %s", tmp, exc.strerror or exc)
 
     def describe(self, topic: str) -> dict[str, Any]:
         """How the table of ``topic`` was loaded by the last rebuild (for ``/v1/status``)."""
