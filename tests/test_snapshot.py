@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -21,7 +22,7 @@ from datasync.bindings import TopicSpec
 from datasync.codecs import Codec, JsonCodec, StringCodec
 from datasync.metrics import Metrics
 from datasync.settings import KafkaSettings, SnapshotSettings, SyncSettings
-from datasync.snapshot import CHUNK_KEYS, Snapshots, _Job, _KeysChanged, _steps
+from datasync.snapshot import CHUNK_KEYS, Snapshots, _blocking, _Job, _KeysChanged, _steps
 from datasync.snapshotfile import SnapshotReader, path_of, read_entries
 from datasync.table import StateTable, pack
 
@@ -458,3 +459,25 @@ async def test_a_state_dir_that_cannot_be_cleaned_up_is_read_in_full(
     await put_all(producer, topic, [("k", "v", 0)])
     assert await table_after(engine, topic) == await table_after(engines(topic, None), topic)
     assert any(r.getMessage().startswith(f"cannot remove {state / topic / '0.snap.tmp'}") for r in caplog.records)
+
+
+async def test_a_file_operation_failing_after_its_write_was_cancelled_is_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A thread cannot be stopped: a cancelled write waits for it, and what it raised is logged
+    (not "Task exception was never retrieved" at some garbage collection)."""
+    started = threading.Event()
+
+    def full_disk() -> None:
+        started.set()
+        time.sleep(0.3)
+        raise OSError(28, "No space left on device")
+
+    task = asyncio.create_task(_blocking(full_disk))
+    await asyncio.to_thread(started.wait)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert [r.getMessage() for r in caplog.records if r.name == "datasync.snapshot"] == [
+        "a snapshot file operation failed after its write was cancelled: OSError(28, 'No space left on device')"
+    ]

@@ -76,6 +76,8 @@ async def _blocking(fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.shield(future)
     except asyncio.CancelledError:
         await asyncio.wait([future])
+        if not future.cancelled() and (exc := future.exception()) is not None:  # nobody else will look
+            log.warning("a snapshot file operation failed after its write was cancelled: %r", exc)
         raise
 
 
