@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 from aiokafka import AIOKafkaProducer
 
 from datasync import PluginState
@@ -178,3 +179,47 @@ async def test_an_engine_runs_again_after_a_stop(make_engine, producer: AIOKafka
     async with asyncio.timeout(10):
         await engine.wait_for(lambda: plugin.view == {"a": "1"})
     assert engine.running
+
+
+class Deaf(Recorder):
+    """Ignores cancellation in every change until released (a plugin that swallows CancelledError)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.release = asyncio.Event()
+        self.entered = asyncio.Event()
+        self.cancels = 0
+
+    async def change(self, event):  # type: ignore[no-untyped-def]
+        self.entered.set()
+        while not self.release.is_set():
+            try:
+                await self.release.wait()
+            except asyncio.CancelledError:
+                self.cancels += 1
+        await super().change(event)
+
+
+async def test_stop_abandons_a_plugin_that_ignores_cancellation(
+    make_engine, producer: AIOKafkaProducer, topic: str, caplog: pytest.LogCaptureFixture
+):
+    engine = make_engine(topic, partitions=1, sync=FAST.model_copy(update={"shutdown_timeout_s": 0.2}))
+    deaf = Deaf("deaf")
+    engine.watch("deaf", deaf, {topic: [""]})
+    await engine.start()
+    async with asyncio.timeout(20):
+        await engine.wait_ready()
+    await put_all(producer, topic, [("a", "1")])
+    async with asyncio.timeout(10):
+        await deaf.entered.wait()
+    (task,) = [t for t in asyncio.all_tasks() if t.get_name() == "datasync-deliver-deaf"]
+    try:
+        async with asyncio.timeout(10):
+            await engine.stop()  # returns although the change call never ends
+        assert deaf.cancels >= 1
+        abandoned = [r for r in caplog.records if "deaf" in r.getMessage() and "abandoned" in r.getMessage()]
+        assert len(abandoned) == 1 and abandoned[0].exc_info is None
+    finally:
+        deaf.release.set()
+    async with asyncio.timeout(5):  # once its call returns, the abandoned task ends: it delivers nothing more
+        await task

@@ -11,6 +11,11 @@ so a slow plugin slows fetching down instead of filling memory.
 Resyncs stay in the engine task. ``pause()`` drops a plugin's queued batches
 (the resync covers them) and waits for its call in flight, so a plugin never
 handles a resync and a change at the same time.
+
+Stopping cancels the delivery tasks and gives them ``CANCEL_GRACE_S`` to end:
+the engine has already given the calls in flight ``shutdown_timeout_s``. A task
+whose plugin swallows the cancellation is logged and abandoned; it ends once
+that call returns.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from datasync.status import PluginState
 log = logging.getLogger("datasync")
 
 EVERYTHING = float("inf")
+CANCEL_GRACE_S = 1.0  # how long a cancelled delivery task gets to end (its plugin's cleanup)
 
 
 class _Queue:
@@ -152,7 +158,7 @@ class Deliveries:
             return
         if queue.task is not asyncio.current_task():  # a plugin closing itself ends its own task afterwards
             await self.pause(reg)
-            await _cancel(queue.task)
+            await _cancel([queue])
         self._queues.pop(reg, None)
         for other in self._queues.values():
             other.after = [a for a in other.after if a is not queue]
@@ -195,10 +201,8 @@ class Deliveries:
         await self._wait_for(lambda: all(q.current is None for q in self._queues.values()))
 
     async def stop(self) -> None:
-        """Cancel every delivery task (after ``halt()`` and a bounded ``wait_idle()``)."""
-        for queue in self._queues.values():
-            await _cancel(queue.task)
-            queue.task = None
+        """Cancel every delivery task (after ``halt()`` and a bounded ``wait_idle()``), bounded in time."""
+        await _cancel(list(self._queues.values()))
 
     async def _deliver(self, queue: _Queue) -> None:
         reg = queue.reg
@@ -214,6 +218,8 @@ class Deliveries:
                 queue.current = None
                 queue.records -= len(changes)
                 self._notify()
+            if _cancelled_meanwhile():  # the plugin swallowed the cancellation: this task was abandoned
+                return
             if not ok:
                 self._on_skipped(reg)
                 if reg.status.state is not PluginState.READY:  # it will be resynced: the queue is stale
@@ -238,11 +244,32 @@ class Deliveries:
         return seq, changes
 
 
-async def _cancel(task: asyncio.Task[None] | None) -> None:
-    if task is None or task.done():
+async def _cancel(queues: Sequence[_Queue]) -> None:
+    """Cancel the queues' delivery tasks and wait at most ``CANCEL_GRACE_S`` for them to end. A task
+    still running then (its plugin swallowed the cancellation) is logged and abandoned: it stays the
+    queue's task, so no second one calls the plugin while that call runs, and it ends when the call
+    returns."""
+    running = [q for q in queues if q.task is not None and not q.task.done()]
+    for queue in queues:
+        if queue not in running:
+            queue.task = None
+    if not running:
         return
-    task.cancel()
-    try:
-        await task
-    except asyncio.CancelledError:
-        pass
+    for queue in running:
+        assert queue.task is not None
+        queue.task.cancel()
+    _, pending = await asyncio.wait([q.task for q in running if q.task is not None], timeout=CANCEL_GRACE_S)
+    for queue in running:
+        if queue.task in pending:
+            log.error(
+                "plugin %s: its change call ignores cancellation; abandoned after %.1fs",
+                *(queue.reg.name, CANCEL_GRACE_S),
+                extra={"plugin": queue.reg.name},
+            )
+        else:
+            queue.task = None
+
+
+def _cancelled_meanwhile() -> bool:
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
