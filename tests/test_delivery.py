@@ -223,3 +223,41 @@ async def test_stop_abandons_a_plugin_that_ignores_cancellation(
         deaf.release.set()
     async with asyncio.timeout(5):  # once its call returns, the abandoned task ends: it delivers nothing more
         await task
+
+
+class Fatal(BaseException):
+    """Not an Exception: no failure handling catches it, so it ends the plugin's delivery task."""
+
+
+async def test_a_dead_delivery_task_holds_nothing_back(
+    make_engine, producer: AIOKafkaProducer, topic: str, caplog: pytest.LogCaptureFixture
+):
+    engine = make_engine(topic, partitions=1, sync=FAST.model_copy(update={"plugin_queue_max_records": 1}))
+
+    class DiesOnce(Recorder):
+        died = False
+
+        async def change(self, event):  # type: ignore[no-untyped-def]
+            if any(c.key == "boom" for c in event.changes) and not self.died:
+                self.died = True
+                raise Fatal("boom")
+            await super().change(event)
+
+    dies, free = DiesOnce("dies"), Recorder("free")
+    engine.watch("dies", dies, {topic: [""]})
+    engine.watch("free", free, {topic: [""]})
+    await engine.start()
+    async with asyncio.timeout(20):
+        await engine.wait_ready()
+    await put_all(producer, topic, [("boom", "1")])
+    for key in "abc":  # each over the bound of a queue that no task drains any more
+        await put_all(producer, topic, [(key, key)])
+    expected = {"boom": "1", "a": "a", "b": "b", "c": "c"}
+    async with asyncio.timeout(10):
+        await engine.wait_for(lambda: free.view == expected)
+        await engine.wait_for(lambda: dies.view == expected and engine.status()["dies"].state is PluginState.READY)
+    assert len(dies.resyncs) == 2  # its view missed the batch it died on: resynced
+    await put_all(producer, topic, [("d", "d")])  # and it gets changes again
+    async with asyncio.timeout(10):
+        await engine.wait_for(lambda: dies.view.get("d") == "d")
+    assert len([r for r in caplog.records if "delivery task failed" in r.getMessage()]) == 1

@@ -12,6 +12,11 @@ Resyncs stay in the engine task. ``pause()`` drops a plugin's queued batches
 (the resync covers them) and waits for its call in flight, so a plugin never
 handles a resync and a change at the same time.
 
+A delivery task that dies (a bug: plugin failures are caught) is logged at once
+with its exception; its plugin's queue is dropped, so the engine never waits
+for it, the plugin is resynced (its view misses those changes) and gets a new
+delivery task.
+
 Stopping cancels the delivery tasks and gives them ``CANCEL_GRACE_S`` to end:
 the engine has already given the calls in flight ``shutdown_timeout_s``. A task
 whose plugin swallows the cancellation is logged and abandoned; it ends once
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 
@@ -90,7 +96,36 @@ class Deliveries:
         except RuntimeError:
             return  # registered before the loop runs: started by start()
         if queue.task is None or queue.task.done():
-            queue.task = asyncio.create_task(self._deliver(queue), name=f"datasync-deliver-{queue.reg.name}")
+            queue.task = task = asyncio.create_task(self._deliver(queue), name=f"datasync-deliver-{queue.reg.name}")
+            task.add_done_callback(lambda _: self._ended(queue, task))
+
+    def _ended(self, queue: _Queue, task: asyncio.Task[None]) -> None:
+        """A delivery task ended. If it died, log why, drop the plugin's queue (the engine must not wait
+        for it) and have the plugin resynced; unless stopped or removed, start it again."""
+        if task.cancelled():
+            return  # stopped, or the plugin removed
+        if queue.task is task:
+            queue.task = None
+        reg, exc = queue.reg, task.exception()
+        if exc is not None:
+            log.error(
+                "plugin %s: its delivery task failed: %r; its queued changes are dropped and it is resynced",
+                *(reg.name, exc),
+                exc_info=exc,
+                extra={"plugin": reg.name},
+            )
+        if self._queues.get(reg) is not queue:
+            return  # removed while it was handling a batch (a plugin closing itself)
+        if exc is not None:
+            reg.status.last_error = f"delivery: {exc!r}"
+            reg.diverged = True
+            self.drop(reg)
+            if reg.status.state is PluginState.READY:
+                reg.status.state = PluginState.RESYNCING
+                reg.due = time.monotonic()
+                reg.status.next_attempt_at = time.time()
+        if not self._halted:
+            self._start(queue)
 
     def queued(self, reg: Registration) -> int:
         """Changes queued or in flight for ``reg``."""
