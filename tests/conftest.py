@@ -7,6 +7,7 @@ import itertools
 import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,6 +21,10 @@ from datasync.settings import KafkaSettings, SyncSettings
 
 from localkafka import LocalBroker
 from localregistry import LocalRegistry
+
+ROOT = Path(__file__).resolve().parent.parent
+# A ``datasync`` child process runs this checkout's package (service/ first), not the one the venv installed.
+CHILD_PYTHONPATH = os.pathsep.join([str(ROOT / "service"), str(ROOT / "tests")])
 
 
 @pytest.fixture(scope="session")

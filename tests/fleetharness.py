@@ -17,6 +17,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaProducer
 
+from conftest import CHILD_PYTHONPATH
 from localkafka import free_port, terminate
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,7 +37,7 @@ class Member:
             "DATASYNC_KAFKA__BOOTSTRAP_SERVERS": bootstrap,
             "DATASYNC_GROUP__ID": group,
             "DATASYNC_HTTP__PORT": str(self.port),
-            "PYTHONPATH": str(ROOT / "tests"),
+            "PYTHONPATH": CHILD_PYTHONPATH,
             **env,
         }
         self.process: subprocess.Popen[bytes] | None = None

@@ -16,6 +16,8 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from conftest import CHILD_PYTHONPATH
+
 ROOT = Path(__file__).resolve().parent.parent
 
 WRITER = """
@@ -87,7 +89,7 @@ plugins:
 
     def start(self, **extra_env: str) -> None:
         env = {**os.environ, "DATASYNC_KAFKA__BOOTSTRAP_SERVERS": self.bootstrap, "DATASYNC_HTTP__ENABLED": "false",
-               "PYTHONPATH": str(ROOT / "tests"), **extra_env}  # fmt: skip
+               "PYTHONPATH": CHILD_PYTHONPATH, **extra_env}  # fmt: skip
         log = open(self.workdir / "service.log", "ab")
         self.process = subprocess.Popen([sys.executable, "-m", "datasync.cli", "run"], cwd=self.workdir, env=env,
                                         stdout=log, stderr=log)  # fmt: skip

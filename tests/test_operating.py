@@ -28,7 +28,7 @@ from datasync.schemas import SchemaStore
 from datasync.settings import HttpSettings, KafkaSettings, Settings, SyncSettings
 from datasync.web import HttpServer
 
-from conftest import put_all
+from conftest import CHILD_PYTHONPATH, put_all
 from recorder import Recorder
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -62,8 +62,9 @@ def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     ({"DATASYNC_GROUP__ID": "g", "DATASYNC_GROUP__HEARTBEAT_INTERVAL_MS": "5000"}, "DATASYNC_GROUP"),
 ])  # fmt: skip
 def test_bad_settings_exit_2_naming_the_variable(env: dict[str, str], variable: str) -> None:
+    env = {**os.environ, "PYTHONPATH": CHILD_PYTHONPATH, **env}
     result = subprocess.run([sys.executable, "-m", "datasync.cli", "check"], cwd=ROOT, capture_output=True,
-                            text=True, env={**os.environ, **env}, timeout=60)  # fmt: skip
+                            text=True, env=env, timeout=60)  # fmt: skip
     assert result.returncode == 2, result.stderr
     assert variable in result.stderr
 
@@ -172,7 +173,7 @@ plugins:
 
 
 def cli(project: Path, bootstrap: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "DATASYNC_KAFKA__BOOTSTRAP_SERVERS": bootstrap, "PYTHONPATH": str(ROOT / "tests")}
+    env = {**os.environ, "DATASYNC_KAFKA__BOOTSTRAP_SERVERS": bootstrap, "PYTHONPATH": CHILD_PYTHONPATH}
     return subprocess.run([sys.executable, "-m", "datasync.cli", *args], cwd=project, env=env, capture_output=True,
                           text=True, timeout=timeout)  # fmt: skip
 
@@ -256,7 +257,7 @@ plugins:
     assert cli(project, bootstrap, "topics", "create").returncode == 0
     store = SchemaStore.load(project / "schemas")
     values = [AvroCodec(store, store.get("t.Item")).encode({"n": n, "s": "x"}) for n in range(100)]
-    env = {**os.environ, "DATASYNC_KAFKA__BOOTSTRAP_SERVERS": bootstrap, "PYTHONPATH": str(ROOT / "tests"),
+    env = {**os.environ, "DATASYNC_KAFKA__BOOTSTRAP_SERVERS": bootstrap, "PYTHONPATH": CHILD_PYTHONPATH,
            "DATASYNC_HTTP__PORT": "0"}  # fmt: skip
     service = subprocess.Popen([sys.executable, "-m", "datasync.cli", "run"], cwd=project, env=env,
                                stderr=subprocess.PIPE, text=True)  # fmt: skip

@@ -34,6 +34,7 @@ from datasync.metrics import Metrics
 from datasync.settings import HttpSettings
 from datasync.web import HttpServer
 
+from conftest import CHILD_PYTHONPATH
 from localkafka import LocalBroker
 from recorder import Recorder
 
@@ -74,8 +75,7 @@ plugins: [{{name: rec, class: "recorder:Recorder", watch: [{{topic: {topic}}}]}}
 
 def env_for(bootstrap: str, **extra: str) -> dict[str, str]:
     """The CLI's environment; ``service`` first, so the command runs this checkout's package, not an installed one."""
-    path = os.pathsep.join([str(ROOT / "service"), str(ROOT / "tests")])
-    return {**os.environ, "DATASYNC_KAFKA__BOOTSTRAP_SERVERS": bootstrap, "PYTHONPATH": path, **extra}
+    return {**os.environ, "DATASYNC_KAFKA__BOOTSTRAP_SERVERS": bootstrap, "PYTHONPATH": CHILD_PYTHONPATH, **extra}
 
 
 def cli(
