@@ -88,3 +88,59 @@ async def test_holding_delivery_again_does_not_wait_for_a_drain_again() -> None:
         await eventually(drained, 0.05)
     deliveries.halt()
     await deliveries.stop()
+
+
+def assigned_fleet() -> Fleet:
+    topics = {"a": TopicSpec(name="a", partitions=2, value="string", sharding="partitioned")}
+    fleet = Fleet(KafkaSettings(), GroupSettings(id="g"), topics, Metrics(), lambda: None)
+    fleet.held = fleet.slots = frozenset({0, 1})
+    return fleet
+
+
+async def test_a_revocation_after_stop_returns_at_once_and_records_nothing() -> None:
+    """Closing the group consumer may revoke once more after stop(): that must not wait for the engine."""
+    fleet = assigned_fleet()
+    await fleet.stop()
+    async with asyncio.timeout(1):
+        await fleet._on_revoke()
+    assert not fleet.revoking and fleet._since is None
+
+
+async def test_a_revocation_while_the_engine_stops_waits_until_it_stopped() -> None:
+    """Calls in flight may still end: the partitions are handed over only once the engine stopped."""
+    fleet = assigned_fleet()
+    fleet.stopping = True  # what the engine's stop() does first
+    revoking = asyncio.create_task(fleet._on_revoke())
+    await asyncio.sleep(0.05)
+    assert not revoking.done() and not fleet.revoking
+    await fleet.stop()  # the engine task has ended
+    async with asyncio.timeout(1):
+        await revoking
+
+
+async def test_the_engine_waits_for_the_assignment_without_polling() -> None:
+    fleet = assigned_fleet()
+    revoking = asyncio.create_task(fleet._on_revoke())
+    await asyncio.sleep(0)
+    assert fleet.rebalancing and not revoking.done()  # it waits for the engine to deliver nothing
+    waiting = asyncio.create_task(fleet.wait_assignment())  # the engine, holding delivery
+    async with asyncio.timeout(1):
+        await revoking
+    await asyncio.sleep(0.5)
+    assert not waiting.done()  # no periodic wake-ups: it ends on the assignment
+    async with asyncio.timeout(1):
+        await fleet._on_revoke()  # another revocation meanwhile: the engine still delivers nothing
+    fleet._on_assign(frozenset({1}))
+    async with asyncio.timeout(1):
+        await waiting
+    assert not fleet.rebalancing
+
+    revoking = asyncio.create_task(fleet._on_revoke())  # delivering again: the next revocation waits
+    await asyncio.sleep(0.05)
+    assert not revoking.done()
+    waiting = asyncio.create_task(fleet.wait_assignment())
+    async with asyncio.timeout(1):
+        await revoking
+    fleet.stopping = True  # a stop request ends the wait
+    async with asyncio.timeout(1):
+        await waiting

@@ -43,9 +43,6 @@ from datasync.table import Entry, Packed, StateTable, partition_of
 
 log = logging.getLogger("datasync.group")
 
-# Longest wait per engine step while a rebalance runs (the engine re-checks stop requests between waits).
-HOLD_S = 0.25
-
 
 class Rebalancing(Exception):
     """A rebalance started during a full read of the tables: it is read again after the assignment."""
@@ -109,13 +106,13 @@ class Fleet:
         self.slots: frozenset[int] | None = None  # partition numbers the group gave us (None: not yet)
         self.held: frozenset[int] | None = None  # partition numbers the tables hold
         self.revoking = False
-        self._idle = asyncio.Event()  # the engine delivers nothing (set while it holds)
-        self._assigned = asyncio.Event()
+        self._idle = asyncio.Event()  # set while the engine waits for the assignment, and once stopped
+        self._wake = asyncio.Event()  # ends the engine's wait: set by an assignment or a stop request
         self._pending: Handover | None = None  # an interrupted handover, completed by the next one
         self._since: float | None = None  # when the running rebalance started
         self.rebalances = 0
         self.last_rebalance_s: float | None = None
-        self.stopping = False
+        self._stopping = False
         self.membership: GroupMembership | None = None
 
     # -- set-up ---------------------------------------------------------------
@@ -132,7 +129,19 @@ class Fleet:
         log.info("joining group %s (anchor topic %s, partitioned: %s)", self.group.id, self.anchor,
                  ", ".join(self._partitioned) or "none")  # fmt: skip
 
+    @property
+    def stopping(self) -> bool:
+        """The engine is stopping: it waits for no assignment, and takes none."""
+        return self._stopping
+
+    @stopping.setter
+    def stopping(self, value: bool) -> None:
+        self._stopping = value
+        if value:
+            self._wake.set()
+
     async def stop(self) -> None:
+        """After the engine task ended: let a revocation complete, leave the group."""
         self.stopping = True
         self._idle.set()  # a revocation waiting for the engine must not wait for a stopped one
         if self.membership is not None:
@@ -142,13 +151,14 @@ class Fleet:
     # -- the rebalance listener's side (aiokafka's coordination task) ---------
 
     async def _on_revoke(self) -> None:
-        self._since = time.monotonic()
-        if self.slots is None and self.held is None:
-            return  # joining for the first time: nothing delivered yet
-        self.revoking = True
-        self._idle.clear()
-        self._assigned.clear()
-        self._wakeup()
+        """Return once the engine delivers nothing: it waits for the next assignment, or has stopped."""
+        if not self.stopping:  # a stopping engine takes no assignment: nothing to record, nobody to wake
+            self._since = time.monotonic()
+            if self.slots is None and self.held is None:
+                return  # joining for the first time: nothing delivered yet
+            self.revoking = True
+            self._wake.clear()
+            self._wakeup()
         await self._idle.wait()
 
     def _on_assign(self, slots: frozenset[int]) -> None:
@@ -157,7 +167,7 @@ class Fleet:
                      self.membership.member_id if self.membership else None)  # fmt: skip
         self.slots = slots
         self.revoking = False
-        self._assigned.set()
+        self._wake.set()
         self._wakeup()
 
     # -- the engine's side ------------------------------------------------------
@@ -168,12 +178,13 @@ class Fleet:
         return self.revoking or self.slots is None
 
     async def wait_assignment(self) -> None:
-        """The engine delivers nothing now (the revocation may complete); wait a little for the assignment."""
+        """The engine delivers nothing now (the revocation may complete): wait for the assignment or a stop."""
         self._idle.set()
         try:
-            await asyncio.wait_for(self._assigned.wait(), HOLD_S)
-        except TimeoutError:
-            pass
+            await self._wake.wait()
+        finally:
+            if not self.stopping:  # delivering again: the next revocation waits until the engine is back here
+                self._idle.clear()
 
     @property
     def moved(self) -> bool:
