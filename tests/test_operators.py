@@ -29,8 +29,10 @@ from prometheus_client import generate_latest
 import datasync
 from datasync import DataSync, KafkaSettings, StringCodec, SyncSettings, TopicSpec
 from datasync.bindings import load_bindings
+from datasync.cli import main
 from datasync.logs import JsonFormatter, RepeatFilter
 from datasync.metrics import Metrics
+from datasync.reader import TableReader
 from datasync.settings import HttpSettings
 from datasync.web import HttpServer
 
@@ -221,6 +223,56 @@ def test_cli_commands_answer_a_missing_topic_in_one_line(tmp_path: Path, bootstr
     assert dumped.stderr.splitlines() == [
         f"datasync: topic {topic} does not exist on the broker (`datasync topics create`)"
     ]
+
+
+def dump_in_process(project: Path, bootstrap: str, topic: str, monkeypatch: pytest.MonkeyPatch) -> int:
+    """``datasync dump`` in this process (so that a test can interfere with it), in a thread of its own:
+    a dump that never ends fails the test instead of hanging it."""
+    monkeypatch.chdir(project)
+    result: list[int] = []
+    runner = threading.Thread(target=lambda: result.append(main(["dump", topic, "--bootstrap-servers", bootstrap])),
+                              daemon=True)  # fmt: skip
+    runner.start()
+    runner.join(60)
+    assert not runner.is_alive(), "dump still running after 60s"
+    return result[0]
+
+
+def test_dump_ends_on_a_broker_lost_mid_read_with_one_line(
+    tmp_path: Path, own_broker: LocalBroker, topic: str, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str]
+) -> None:  # fmt: skip
+    project = recorder_project(tmp_path, topic)
+    assert cli(project, own_broker.bootstrap, "topics", "create").returncode == 0
+    started = DataSync.start
+
+    async def start_then_lose_the_broker(engine: DataSync) -> None:
+        await started(engine)
+        own_broker.stop(keep_data=True)  # blocking: the engine task has not read anything yet
+
+    monkeypatch.setattr(DataSync, "start", start_then_lose_the_broker)
+    assert dump_in_process(project, own_broker.bootstrap, topic, monkeypatch) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and "Traceback" not in err  # an outage is no bug
+    assert err.splitlines()[-1] == f"datasync: broker at {own_broker.bootstrap} lost while reading {topic}"
+
+
+def test_dump_ends_on_an_engine_failure_with_one_line(
+    tmp_path: Path, bootstrap: str, topic: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    project = recorder_project(tmp_path, topic)
+    assert cli(project, bootstrap, "topics", "create").returncode == 0
+
+    async def rewind(reader: TableReader) -> dict[Any, int]:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(TableReader, "rewind", rewind)  # the engine task dies on it
+    assert dump_in_process(project, bootstrap, topic, monkeypatch) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and "RuntimeError: a bug" in err  # a bug: logged with its traceback when the engine stops
+    assert (
+        err.splitlines()[-1] == f"datasync: reading {topic} failed: the engine task ended (its error is logged above)"
+    )
 
 
 # -- item 5: the HTTP port is bound first ----------------------------------------

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import json
 import logging
 import os
@@ -278,30 +279,59 @@ async def _create_topics(settings: Settings, bindings: Bindings, args: argparse.
     return 0
 
 
+DUMP_SHUTDOWN_S = 1.0  # a dump has no plugin calls to wait for: only the engine's current step
+PROGRESS_EVERY_S = 0.2  # how often a terminal's progress line is redrawn
+# The engine wakes its waiters when it reads the tables or loses the broker, but not when its task
+# ends (a bug): that is noticed by looking again this often.
+ENGINE_CHECK_S = 1.0
+
+
 async def _dump(settings: Settings, bindings: Bindings, args: argparse.Namespace) -> int:
     topic = _topic(bindings, args.topic)
     await _require(settings, topic)
-    engine = DataSync(settings.kafka, SyncSettings(create_topics=False))
+    engine = DataSync(settings.kafka, SyncSettings(create_topics=False, shutdown_timeout_s=DUMP_SHUTDOWN_S))
     engine.add_topic(topic.spec.model_copy(update={"dead_letter": None}), topic.codec)  # reading only: no copies
     await engine.start()
     try:
-        progress = sys.stderr.isatty()
-        while engine.generation == 0:
-            if progress:
-                left = (await engine.topics_status())[topic.spec.name]["resync_remaining"]
-                print(f"\rreading {topic.spec.name}: {left} records left   ", end="", file=sys.stderr, flush=True)
-            await asyncio.sleep(0.2)
-        if progress:
-            print("\r" + " " * 60 + "\r", end="", file=sys.stderr, flush=True)
-        table = engine.table(topic.spec.name)
-        items = KeyValues([(topic.spec.name, topic.codec, table.keys_under(args.prefix), table.data)])
-        for kv in items:
-            line = {"key": kv.key, "value": kv.value, "revision": kv.revision, "partition": kv.partition,
-                    "timestamp": kv.timestamp}  # fmt: skip
-            print(json.dumps(line, default=_jsonable))
+        failure = await _read_to_end(engine, topic.spec.name, settings.kafka.bootstrap_servers)
+        if failure is None:
+            table = engine.table(topic.spec.name)
+            items = KeyValues([(topic.spec.name, topic.codec, table.keys_under(args.prefix), table.data)])
+            for kv in items:
+                line = {"key": kv.key, "value": kv.value, "revision": kv.revision, "partition": kv.partition,
+                        "timestamp": kv.timestamp}  # fmt: skip
+                print(json.dumps(line, default=_jsonable))
     finally:
         await engine.stop()
+    if failure is not None:  # last, after what stopping logged
+        print(f"datasync: {failure}", file=sys.stderr)
+        return 1
     return 0
+
+
+async def _read_to_end(engine: DataSync, name: str, servers: str) -> str | None:
+    """Wait until the engine has read topic ``name`` to its end; None, or why it cannot (one line)."""
+
+    def over() -> bool:
+        return engine.generation > 0 or not engine.broker_connected or not engine.running
+
+    progress = sys.stderr.isatty()
+    try:
+        while not over():
+            if progress:
+                left = (await engine.topics_status())[name]["resync_remaining"]
+                print(f"\rreading {name}: {left} records left   ", end="", file=sys.stderr, flush=True)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(PROGRESS_EVERY_S if progress else ENGINE_CHECK_S):
+                    await engine.wait_for(over)
+    finally:
+        if progress:
+            print("\r" + " " * 60 + "\r", end="", file=sys.stderr, flush=True)
+    if engine.generation > 0:
+        return None
+    if not engine.running:
+        return f"reading {name} failed: the engine task ended (its error is logged above)"
+    return f"broker at {servers} lost while reading {name}"
 
 
 def _jsonable(value: object) -> object:
