@@ -281,9 +281,6 @@ async def _create_topics(settings: Settings, bindings: Bindings, args: argparse.
 
 DUMP_SHUTDOWN_S = 1.0  # a dump has no plugin calls to wait for: only the engine's current step
 PROGRESS_EVERY_S = 0.2  # how often a terminal's progress line is redrawn
-# The engine wakes its waiters when it reads the tables or loses the broker, but not when its task
-# ends (a bug): that is noticed by looking again this often.
-ENGINE_CHECK_S = 1.0
 
 
 async def _dump(settings: Settings, bindings: Bindings, args: argparse.Namespace) -> int:
@@ -322,7 +319,7 @@ async def _read_to_end(engine: DataSync, name: str, servers: str) -> str | None:
                 left = (await engine.topics_status())[name]["resync_remaining"]
                 print(f"\rreading {name}: {left} records left   ", end="", file=sys.stderr, flush=True)
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(PROGRESS_EVERY_S if progress else ENGINE_CHECK_S):
+                async with asyncio.timeout(PROGRESS_EVERY_S if progress else None):
                     await engine.wait_for(over)
     finally:
         if progress:

@@ -38,7 +38,7 @@ from datasync.calls import PluginCalls
 from datasync.codecs import Codec
 from datasync.confluent import RegistryCodec, prepare_encode
 from datasync.deadletter import DeadLetters
-from datasync.delivery import Deliveries
+from datasync.delivery import CANCEL_GRACE_S, Deliveries
 from datasync.delta import differences
 from datasync.errors import DecodeError, TopicError
 from datasync.fleet import Fleet, Rebalancing
@@ -63,7 +63,6 @@ log = logging.getLogger("datasync")
 # 250 ms); an idle engine stepping ten times a second costs nothing measurable.
 IDLE_FETCH_MS = 100
 PROGRESS_EVERY_S = 10.0  # how often a long table read logs its progress
-CANCEL_GRACE_S = 1.0  # how long stop() waits for a cancelled task to end before leaving it behind
 
 
 @contextmanager
@@ -434,6 +433,12 @@ class DataSync:
         self._wakeup.set()
 
     async def _run(self) -> None:
+        try:
+            await self._steps()
+        finally:  # ended (stopped, or a bug): wake wait_for(), e.g. on ``not engine.running``
+            await self._notify()
+
+    async def _steps(self) -> None:
         assert self._reader is not None
         reader = self._reader
         failures = 0

@@ -43,6 +43,8 @@ from datasync.table import Entry, Packed, StateTable, partition_of
 
 log = logging.getLogger("datasync.group")
 
+HOLD_S = 1.0  # longest wait for an assignment per engine step
+
 
 class Rebalancing(Exception):
     """A rebalance started during a full read of the tables: it is read again after the assignment."""
@@ -178,10 +180,15 @@ class Fleet:
         return self.revoking or self.slots is None
 
     async def wait_assignment(self) -> None:
-        """The engine delivers nothing now (the revocation may complete): wait for the assignment or a stop."""
+        """The engine delivers nothing now (the revocation may complete): wait for the assignment or a
+        stop, at most ``HOLD_S``, so that the engine keeps stepping (``/healthz``, close requests)
+        through a rebalance that takes long (a broker away)."""
         self._idle.set()
         try:
-            await self._wake.wait()
+            async with asyncio.timeout(HOLD_S):
+                await self._wake.wait()
+        except TimeoutError:
+            pass
         finally:
             if not self.stopping:  # delivering again: the next revocation waits until the engine is back here
                 self._idle.clear()
