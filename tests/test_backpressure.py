@@ -6,24 +6,33 @@ import asyncio
 
 from datasync import publish
 from datasync.metrics import Metrics
-from datasync.publish import Publishing
+from datasync.publish import Delivery, Publishing
 from datasync.settings import KafkaSettings
 
 
-async def test_only_the_plugin_with_too_many_pending_sends_waits() -> None:
-    publishing = Publishing(KafkaSettings(), Metrics())
-    acked = asyncio.Event()
+class Unacknowledged(Publishing):
+    """Sends that wait until ``acked`` is set, as if the broker had not acknowledged them yet."""
 
-    async def send() -> None:
-        await acked.wait()  # the broker has not acknowledged yet
+    def __init__(self) -> None:
+        super().__init__(KafkaSettings(), Metrics())
+        self.acked = asyncio.Event()
+
+    async def send_many(self, name: str, topic: str, records: list[tuple[bytes, bytes | None]]) -> list[Delivery]:
+        await self.acked.wait()
+        return [Delivery(topic, 0, 0) for _ in records]
+
+
+async def test_only_the_plugin_with_too_many_pending_sends_waits() -> None:
+    publishing = Unacknowledged()
+    acked = publishing.acked
 
     async def flooding_plugin() -> None:  # its delivery task: spawns, then waits for room
         for _ in range(publish.MAX_IN_FLIGHT):
-            publishing.spawn(send(), None)
+            publishing.spawn("flood", "t", (b"k", b"v"), None)
         await publishing.room()
 
     async def quiet_plugin() -> None:
-        publishing.spawn(send(), None)
+        publishing.spawn("quiet", "t", (b"k", b"v"), None)
         await publishing.room()
 
     flooding = asyncio.create_task(flooding_plugin())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -16,7 +17,7 @@ from datasync import DataSync, Delivery, PluginError, Publisher
 from datasync.admin import prepare_topics
 from datasync.bindings import TopicSpec
 from datasync.changefeed import Changefeed
-from datasync.codecs import AvroCodec, JsonCodec
+from datasync.codecs import AvroCodec, JsonCodec, StringCodec
 from datasync.errors import EncodeError
 from datasync.schemas import SchemaStore
 from datasync.settings import HttpSettings, KafkaSettings, SyncSettings
@@ -97,6 +98,39 @@ async def test_publisher_round_trip(bootstrap: str, topic: str, engines: list[Da
     assert done and done[0][1] is None and done[0][0].topic == topic
     assert "f" not in {k for k, _ in await read_all(bootstrap, topic)}
     assert engine.metrics.published.labels("out")._value.get() == 5
+
+
+async def test_a_raising_on_done_callback_is_one_line_and_counted(
+    bootstrap: str, topic: str, engines: list[DataSync], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The send task that calls on_done is awaited by nobody: a callback that raises must not end it with
+    "Task exception was never retrieved" (a traceback, at garbage collection)."""
+    unhandled: list[dict[str, Any]] = []
+    asyncio.get_running_loop().set_exception_handler(lambda loop, context: unhandled.append(context))
+    engine = DataSync(KafkaSettings(bootstrap_servers=bootstrap), QUICK)
+    engines.append(engine)
+    engine.add_topic(TopicSpec(name=topic, partitions=1, value="string"), StringCodec())
+    pub = engine.add_publisher("out", topic)
+    engine.watch("p", Recorder("p"), {topic: [""]})
+    await engine.start()
+    called: list[Delivery | None] = []
+
+    def on_done(delivery: Delivery | None, exc: BaseException | None) -> None:
+        called.append(delivery)
+        raise ValueError("bug in the callback")
+
+    pub.put_nowait("k", "v", on_done)
+    failures = engine.metrics.publish_callback_failures.labels("out")
+    async with asyncio.timeout(10):
+        await eventually(lambda: asyncio.sleep(0, failures._value.get() == 1))
+    gc.collect()
+    await asyncio.sleep(0)
+    assert unhandled == []
+    assert called and called[0] is not None and called[0].topic == topic
+    lines = [r for r in caplog.records if r.name == "datasync.publish"]
+    assert [(r.levelname, r.getMessage()) for r in lines] == [
+        ("ERROR", "publisher out: on_done callback raised ValueError('bug in the callback')")
+    ]
 
 
 async def changefeed_engine(bootstrap: str, source: str, settings: dict[str, Any]) -> tuple[DataSync, str]:

@@ -66,6 +66,9 @@ class Metrics:
         self.publish_failures = Counter(
             "datasync_publish_failures", "Records the broker did not acknowledge", ["publisher"], registry=r
         )
+        self.publish_callback_failures = Counter(
+            "datasync_publish_callback_failures", "put_nowait on_done callbacks that raised", ["publisher"], registry=r
+        )
         self.broker_up = Gauge("datasync_broker_connected", "1 while the broker answers, else 0", registry=r)
         self.owned_partitions = Gauge(
             "datasync_owned_partitions", "Partitions this member owns in its group", ["topic"], registry=r

@@ -84,19 +84,17 @@ class Publishing:
         self._metrics.published.labels(name).inc(len(records))
         return [Delivery(r.topic, r.partition, r.offset) for r in results]
 
-    def spawn(self, coro: Any, on_done: OnDone | None) -> None:
-        """Run a send in the background; the task is owned here and awaited by stop()."""
+    def spawn(self, name: str, topic: str, record: tuple[bytes, bytes | None], on_done: OnDone | None) -> None:
+        """Send one record in the background; the task is owned here and awaited by stop()."""
 
         async def run() -> None:
             try:
-                delivery = await coro
+                [delivery] = await self.send_many(name, topic, [record])
             except Exception as exc:
-                log.warning("background publish failed: %r", exc)
-                if on_done is not None:
-                    on_done(None, exc)
+                log.warning("publisher %s: background publish failed: %r", name, exc)
+                self._call_back(name, on_done, None, exc)
                 return
-            if on_done is not None:
-                on_done(delivery, None)
+            self._call_back(name, on_done, delivery, None)
 
         task = asyncio.create_task(run())
         self._in_flight.add(task)
@@ -113,6 +111,18 @@ class Publishing:
             self._pending[owner] = pending
         if pending < MAX_IN_FLIGHT and owner in self._full:
             self._full.pop(owner).set()
+
+    def _call_back(
+        self, name: str, on_done: OnDone | None, delivery: Delivery | None, exc: BaseException | None
+    ) -> None:
+        """Call a put_nowait callback: one that raises is logged and counted (nobody awaits the send task)."""
+        if on_done is None:
+            return
+        try:
+            on_done(delivery, exc)
+        except Exception as error:
+            self._metrics.publish_callback_failures.labels(name).inc()
+            log.error("publisher %s: on_done callback raised %r", name, error)
 
     async def room(self) -> None:
         """Wait while the current task has MAX_IN_FLIGHT background sends pending: after each call a
@@ -149,14 +159,4 @@ class Publisher:
     def put_nowait(self, key: str, value: Any, on_done: OnDone | None = None) -> None:
         """Encode now (raising EncodeError at once), send in the background, call ``on_done`` when acknowledged."""
         record = (key.encode(), None if value is None else self.codec.encode(value))
-        self._publishing.spawn(self._publishing.send_many(self.name, self.topic, [record]), _first(on_done))
-
-
-def _first(on_done: OnDone | None) -> OnDone | None:
-    if on_done is None:
-        return None
-
-    def unwrap(result: Any, exc: BaseException | None) -> None:
-        on_done(result[0] if result else None, exc)
-
-    return unwrap
+        self._publishing.spawn(self.name, self.topic, record, on_done)
