@@ -7,6 +7,7 @@ import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import aiohttp
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, RecordsToDelete
@@ -16,7 +17,8 @@ from datasync.admin import prepare_topics
 from datasync.bindings import TopicSpec
 from datasync.codecs import AvroCodec, StringCodec
 from datasync.schemas import SchemaStore
-from datasync.settings import KafkaSettings, SyncSettings
+from datasync.settings import HttpSettings, KafkaSettings, SyncSettings
+from datasync.web import HttpServer
 
 from conftest import eventually, put_all
 from localkafka import LocalBroker
@@ -67,9 +69,9 @@ async def test_broker_lost_and_regained(own_broker: LocalBroker, topic: str) -> 
     assert {("delete", "k1"), ("delete", "k2"), ("put", "k3"), ("put", "k10")} <= delta_ops
 
 
-async def ready_engine(own_broker: LocalBroker, topic: str, request_timeout_ms: int) -> DataSync:
-    kafka = KafkaSettings(bootstrap_servers=own_broker.bootstrap, request_timeout_ms=request_timeout_ms)
-    engine = DataSync(kafka, QUICK)
+async def started(broker: LocalBroker, topic: str, request_timeout_ms: int = 5000) -> DataSync:
+    """An engine on ``broker`` with a plugin watching ``topic`` (two partitions), started and ready."""
+    engine = DataSync(KafkaSettings(bootstrap_servers=broker.bootstrap, request_timeout_ms=request_timeout_ms), QUICK)
     engine.add_topic(TopicSpec(name=topic, partitions=2, value="string"), StringCodec())
     engine.watch("p", Recorder("p"), {topic: [""]})
     await engine.start()
@@ -79,7 +81,7 @@ async def ready_engine(own_broker: LocalBroker, topic: str, request_timeout_ms: 
 
 
 async def test_stop_while_the_broker_is_away(own_broker: LocalBroker, topic: str) -> None:
-    engine = await ready_engine(own_broker, topic, 5000)
+    engine = await started(own_broker, topic)
     await asyncio.to_thread(own_broker.stop, keep_data=True)
     try:
         async with asyncio.timeout(20):
@@ -94,7 +96,7 @@ async def test_stop_while_a_rebuild_waits_for_the_broker_is_prompt(
     own_broker: LocalBroker, topic: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The engine backs off between failed rebuilds (up to 30 s): stop() ends the wait at once."""
-    engine = await ready_engine(own_broker, topic, 2000)
+    engine = await started(own_broker, topic, request_timeout_ms=2000)
     await asyncio.to_thread(own_broker.stop, keep_data=True)
     try:
         engine.request_resync("test")
@@ -108,6 +110,28 @@ async def test_stop_while_a_rebuild_waits_for_the_broker_is_prompt(
             await engine.stop()
     finally:
         await asyncio.to_thread(own_broker.start)
+
+
+async def test_http_put_answers_503_while_the_broker_is_away(own_broker: LocalBroker, topic: str) -> None:
+    """The producer retries for as long as the broker is away; the PUT must not wait with it."""
+    engine = await started(own_broker, topic, request_timeout_ms=2000)
+    token = "t0ken-of-sixteen-chars"
+    http = HttpServer(engine, HttpSettings(port=0, writes_enabled=True, token=token))  # type: ignore[arg-type]
+    await http.start()
+    url = f"http://127.0.0.1:{http.port}/v1/topics/{topic}/keys/k"
+    try:
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {token}"}) as session:
+            async with session.put(url, data=b'"v1"') as response:
+                assert response.status == 200
+            await asyncio.to_thread(own_broker.stop, keep_data=True)
+            async with asyncio.timeout(15), session.put(url, data=b'"v2"') as response:
+                assert response.status == 503
+                assert (await response.json())["error"] == f"publisher http: {topic}: not acknowledged within 2s"
+        assert engine.metrics.publish_failures.labels("http")._value.get() == 1
+    finally:
+        await http.stop()
+        await asyncio.to_thread(own_broker.start)
+        await engine.stop()
 
 
 @pytest.fixture

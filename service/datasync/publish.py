@@ -27,7 +27,8 @@ MAX_IN_FLIGHT = 5000  # background (put_nowait) sends pending per plugin at most
 
 
 class PublishError(Exception):
-    """The broker did not acknowledge a record; ``__cause__`` is the Kafka error."""
+    """The broker did not acknowledge a record: ``__cause__`` is the Kafka error, or None when no
+    acknowledgement came within ``request_timeout_ms`` (the record may still land later)."""
 
 
 @dataclass(frozen=True)
@@ -72,15 +73,21 @@ class Publishing:
         return Publisher(self, name, topic, codec)
 
     async def send_many(self, name: str, topic: str, records: list[tuple[bytes, bytes | None]]) -> list[Delivery]:
-        """Send encoded records in order and wait until the broker acknowledged every one."""
+        """Send encoded records in order and wait until the broker acknowledged every one, for at most
+        ``request_timeout_ms``: the idempotent producer retries for as long as the broker is away."""
         if self._producer is None:
             raise PublishError("publishing is not started")
+        limit_s = self._kafka.request_timeout_ms / 1000
         try:
-            futures = [await self._producer.send(topic, value, key=key) for key, value in records]
-            results = [await f for f in futures]
+            async with asyncio.timeout(limit_s):
+                futures = [await self._producer.send(topic, value, key=key) for key, value in records]
+                results = [await f for f in futures]
         except KafkaError as exc:
             self._metrics.publish_failures.labels(name).inc(len(records))
             raise PublishError(f"publisher {name}: {topic}: {exc}") from exc
+        except TimeoutError:
+            self._metrics.publish_failures.labels(name).inc(len(records))
+            raise PublishError(f"publisher {name}: {topic}: not acknowledged within {limit_s:g}s") from None
         self._metrics.published.labels(name).inc(len(records))
         return [Delivery(r.topic, r.partition, r.offset) for r in results]
 
