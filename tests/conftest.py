@@ -62,6 +62,14 @@ def own_broker() -> Iterator[LocalBroker]:
 
 
 @pytest.fixture
+async def unhandled() -> list[dict[str, Any]]:
+    """What reaches the loop's exception handler ("Task exception was never retrieved", ...)."""
+    seen: list[dict[str, Any]] = []
+    asyncio.get_running_loop().set_exception_handler(lambda loop, context: seen.append(context))
+    return seen
+
+
+@pytest.fixture
 def topic() -> str:
     return f"t-{uuid.uuid4().hex[:10]}"
 

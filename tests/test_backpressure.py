@@ -14,7 +14,7 @@ class Unacknowledged(Publishing):
     """Sends that wait until ``acked`` is set, as if the broker had not acknowledged them yet."""
 
     def __init__(self) -> None:
-        super().__init__(KafkaSettings(), Metrics())
+        super().__init__(KafkaSettings(), Metrics(), shutdown_timeout_s=10)
         self.acked = asyncio.Event()
 
     async def send_many(self, name: str, topic: str, records: list[tuple[bytes, bytes | None]]) -> list[Delivery]:

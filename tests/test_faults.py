@@ -3,19 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, RecordsToDelete
 
 from datasync import DataSync, PluginState
 from datasync.admin import prepare_topics
 from datasync.bindings import TopicSpec
 from datasync.codecs import AvroCodec, StringCodec
+from datasync.deadletter import DeadLetters
+from datasync.ingest import Rejected
+from datasync.metrics import Metrics
+from datasync.publish import PublishError
 from datasync.schemas import SchemaStore
 from datasync.settings import HttpSettings, KafkaSettings, SyncSettings
 from datasync.web import HttpServer
@@ -69,9 +75,11 @@ async def test_broker_lost_and_regained(own_broker: LocalBroker, topic: str) -> 
     assert {("delete", "k1"), ("delete", "k2"), ("put", "k3"), ("put", "k10")} <= delta_ops
 
 
-async def started(broker: LocalBroker, topic: str, request_timeout_ms: int = 5000) -> DataSync:
+async def started(
+    broker: LocalBroker, topic: str, request_timeout_ms: int = 5000, sync: SyncSettings = QUICK
+) -> DataSync:
     """An engine on ``broker`` with a plugin watching ``topic`` (two partitions), started and ready."""
-    engine = DataSync(KafkaSettings(bootstrap_servers=broker.bootstrap, request_timeout_ms=request_timeout_ms), QUICK)
+    engine = DataSync(KafkaSettings(bootstrap_servers=broker.bootstrap, request_timeout_ms=request_timeout_ms), sync)
     engine.add_topic(TopicSpec(name=topic, partitions=2, value="string"), StringCodec())
     engine.watch("p", Recorder("p"), {topic: [""]})
     await engine.start()
@@ -132,6 +140,66 @@ async def test_http_put_answers_503_while_the_broker_is_away(own_broker: LocalBr
         await http.stop()
         await asyncio.to_thread(own_broker.start)
         await engine.stop()
+
+
+async def test_stop_with_publishes_pending_while_the_broker_is_away(
+    own_broker: LocalBroker, topic: str, caplog: pytest.LogCaptureFixture, unhandled: list[dict[str, Any]]
+) -> None:
+    """aiokafka's idempotent producer retries while the broker is away and its stop() waits for that
+    flush: stop() must give up after shutdown_timeout_s, counting and saying what was not sent."""
+    quick_stop = QUICK.model_copy(update={"shutdown_timeout_s": 1.0})
+    engine = await started(own_broker, topic, request_timeout_ms=30_000, sync=quick_stop)
+    out = engine.add_publisher("out", topic)
+    await out.put("before", "v")
+    await asyncio.to_thread(own_broker.stop, keep_data=True)
+    try:
+        errors: list[BaseException | None] = []
+        for i in range(20):
+            out.put_nowait(f"k{i}", "v", lambda d, exc: errors.append(exc))
+        async with asyncio.timeout(15):
+            await engine.stop()
+    finally:
+        await asyncio.to_thread(own_broker.start)
+    assert len(errors) == 20 and all(isinstance(e, PublishError) for e in errors)
+    gc.collect()
+    assert unhandled == []
+    assert engine.metrics.publish_failures.labels("out")._value.get() == 20
+    lines = [r.getMessage() for r in caplog.records if r.name == "datasync.publish"]
+    assert lines == [
+        "publishing: not acknowledged within 1.0s of stopping: 20 background sends cancelled, producer closed"
+        " without flushing (counted in datasync_publish_failures_total)"
+    ]
+
+
+async def test_dead_letters_stop_while_the_broker_is_away(
+    own_broker: LocalBroker, topic: str, caplog: pytest.LogCaptureFixture, unhandled: list[dict[str, Any]]
+) -> None:
+    kafka = KafkaSettings(bootstrap_servers=own_broker.bootstrap)
+    dlq = f"{topic}.dlq"
+    await prepare_topics(kafka, [TopicSpec(name=dlq, partitions=1)], create=True)
+    metrics = Metrics()
+    dead = DeadLetters(kafka, {topic: dlq}, metrics, shutdown_timeout_s=1.0)
+    await dead.start()
+
+    def rejected(offset: int) -> Rejected:
+        record = ConsumerRecord(topic, 0, offset, 0, 0, b"k", b"bad", None, 1, 3, [])
+        return Rejected(topic, record, "undecodable value", "not avro")
+
+    await dead.send([rejected(0)])  # the producer knows the topic now
+    async with asyncio.timeout(10):
+        await eventually(lambda: asyncio.sleep(0, metrics.dead_letters.labels(topic)._value.get() == 1))
+    await asyncio.to_thread(own_broker.stop, keep_data=True)
+    try:
+        await dead.send([rejected(i) for i in range(1, 6)])
+        async with asyncio.timeout(15):
+            await dead.stop()
+    finally:
+        await asyncio.to_thread(own_broker.start)
+    assert metrics.dead_letter_failures.labels(topic)._value.get() == 5
+    gc.collect()
+    assert unhandled == []
+    lines = [r.getMessage() for r in caplog.records if r.name == "datasync.deadletter"]
+    assert lines == ["5 records not copied to their dead-letter topic: not acknowledged within 1.0s of stopping"]
 
 
 @pytest.fixture

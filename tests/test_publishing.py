@@ -101,12 +101,14 @@ async def test_publisher_round_trip(bootstrap: str, topic: str, engines: list[Da
 
 
 async def test_a_raising_on_done_callback_is_one_line_and_counted(
-    bootstrap: str, topic: str, engines: list[DataSync], caplog: pytest.LogCaptureFixture
+    bootstrap: str,
+    topic: str,
+    engines: list[DataSync],
+    caplog: pytest.LogCaptureFixture,
+    unhandled: list[dict[str, Any]],
 ) -> None:
     """The send task that calls on_done is awaited by nobody: a callback that raises must not end it with
     "Task exception was never retrieved" (a traceback, at garbage collection)."""
-    unhandled: list[dict[str, Any]] = []
-    asyncio.get_running_loop().set_exception_handler(lambda loop, context: unhandled.append(context))
     engine = DataSync(KafkaSettings(bootstrap_servers=bootstrap), QUICK)
     engines.append(engine)
     engine.add_topic(TopicSpec(name=topic, partitions=1, value="string"), StringCodec())

@@ -15,17 +15,23 @@ from aiokafka.errors import KafkaError
 
 from datasync.ingest import Rejected
 from datasync.metrics import Metrics
+from datasync.publish import close_producer
 from datasync.settings import KafkaSettings
 
 log = logging.getLogger("datasync.deadletter")
 
 
 class DeadLetters:
-    def __init__(self, kafka: KafkaSettings, targets: dict[str, str], metrics: Metrics) -> None:
+    def __init__(
+        self, kafka: KafkaSettings, targets: dict[str, str], metrics: Metrics, shutdown_timeout_s: float
+    ) -> None:
         self._kafka = kafka
         self._targets = targets  # source topic -> dead-letter topic
         self._metrics = metrics
+        self._shutdown_timeout_s = shutdown_timeout_s  # how long stop() waits for acknowledgements
         self._producer: AIOKafkaProducer | None = None
+        self._stopping = False
+        self._dropped = 0  # copies that failed while stopping: said in one line
 
     async def start(self) -> None:
         if self._targets:
@@ -33,9 +39,19 @@ class DeadLetters:
             await self._producer.start()
 
     async def stop(self) -> None:
+        """Flush what is still buffered, within shutdown_timeout_s; past it close without flushing. The
+        copies not written are counted (datasync_dead_letter_failures_total) and said in one line."""
         producer, self._producer = self._producer, None
-        if producer is not None:
-            await producer.stop()  # flushes what is still buffered
+        if producer is None:
+            return
+        self._stopping, self._dropped = True, 0
+        flushed = await close_producer(producer, self._shutdown_timeout_s)
+        self._stopping = False
+        if self._dropped or not flushed:
+            log.error(
+                "%d records not copied to their dead-letter topic: not acknowledged within %.1fs of stopping",
+                *(self._dropped, self._shutdown_timeout_s),
+            )
 
     async def send(self, rejected: list[Rejected]) -> None:
         """Hand the records to the producer; delivery failures are logged and counted, never raised."""
@@ -70,4 +86,7 @@ class DeadLetters:
 
     def _failed(self, topic: str, origin: str, why: object) -> None:
         self._metrics.dead_letter_failures.labels(topic).inc()
-        log.error("could not copy %s to the dead-letter topic: %r", origin, why)
+        if self._stopping:
+            self._dropped += 1
+        else:
+            log.error("could not copy %s to the dead-letter topic: %r", origin, why)

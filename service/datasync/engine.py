@@ -128,7 +128,7 @@ class DataSync:
         self._tables: dict[str, StateTable] = {}
         self._registrations: list[Registration] = []
         self._publishers: dict[str, Publisher] = {}
-        self.publishing = Publishing(kafka, self.metrics)
+        self.publishing = Publishing(kafka, self.metrics, self.sync.shutdown_timeout_s)
         self._calls = PluginCalls(self.sync, self.metrics, self._progress)
         self._deliveries = Deliveries(
             self._calls, self.sync.plugin_queue_max_records, self.sync.fetch_max_records, self._step, self._skipped
@@ -351,7 +351,7 @@ class DataSync:
         self.broker_connected = True
         self.metrics.broker_up.set(1)
         self._ingest = Ingest(self._topics, self._codecs, self.metrics, self.sync.emit_identical_puts)
-        self._dead_letters = DeadLetters(self.kafka, dead, self.metrics)
+        self._dead_letters = DeadLetters(self.kafka, dead, self.metrics, self.sync.shutdown_timeout_s)
         self._reader = TableReader(self.kafka, self.sync.fetch_max_records)
         if self.state_dir is not None:
             self._snapshots = Snapshots(

@@ -46,9 +46,10 @@ OnDone = Callable[[Delivery | None, BaseException | None], None]
 class Publishing:
     """Owns the shared producer and the fire-and-forget sends still in flight."""
 
-    def __init__(self, kafka: KafkaSettings, metrics: Metrics) -> None:
+    def __init__(self, kafka: KafkaSettings, metrics: Metrics, shutdown_timeout_s: float) -> None:
         self._kafka = kafka
         self._metrics = metrics
+        self._shutdown_timeout_s = shutdown_timeout_s  # how long stop() waits for acknowledgements
         self._producer: AIOKafkaProducer | None = None
         self._in_flight: set[asyncio.Task[None]] = set()
         # Background sends pending per task that spawned them (a plugin's delivery task), and the
@@ -62,12 +63,27 @@ class Publishing:
         self._producer = producer
 
     async def stop(self) -> None:
-        """Wait for fire-and-forget sends, then flush and close the producer."""
+        """Wait for fire-and-forget sends, then flush and close the producer: within shutdown_timeout_s
+        in all. Past it the sends still waiting are cancelled (their callbacks get a PublishError) and
+        the producer is closed without flushing; what was not acknowledged is counted as publish
+        failures, and said in one line."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._shutdown_timeout_s
+        cancelled = 0
         if self._in_flight:
-            await asyncio.gather(*self._in_flight, return_exceptions=True)
+            _, waiting = await asyncio.wait(set(self._in_flight), timeout=self._shutdown_timeout_s)
+            for task in waiting:
+                task.cancel()
+            await asyncio.gather(*waiting, return_exceptions=True)
+            cancelled = len(waiting)
         producer, self._producer = self._producer, None
-        if producer is not None:
-            await producer.stop()
+        flushed = producer is None or await close_producer(producer, deadline - loop.time())
+        if cancelled or not flushed:
+            log.warning(
+                "publishing: not acknowledged within %.1fs of stopping: %d background sends cancelled%s"
+                " (counted in datasync_publish_failures_total)",
+                *(self._shutdown_timeout_s, cancelled, "" if flushed else ", producer closed without flushing"),
+            )
 
     def publisher(self, name: str, topic: str, codec: Codec) -> Publisher:
         return Publisher(self, name, topic, codec)
@@ -78,16 +94,23 @@ class Publishing:
         if self._producer is None:
             raise PublishError("publishing is not started")
         limit_s = self._kafka.request_timeout_ms / 1000
+        futures: list[asyncio.Future[Any]] = []
         try:
             async with asyncio.timeout(limit_s):
-                futures = [await self._producer.send(topic, value, key=key) for key, value in records]
+                for key, value in records:
+                    futures.append(await self._producer.send(topic, value, key=key))
                 results = [await f for f in futures]
-        except KafkaError as exc:
+        except BaseException as exc:  # nothing of it counts as sent
+            for f in futures:  # no "Future exception was never retrieved" for the ones not awaited
+                if f.done() and not f.cancelled():
+                    f.exception()
+                f.cancel()
             self._metrics.publish_failures.labels(name).inc(len(records))
-            raise PublishError(f"publisher {name}: {topic}: {exc}") from exc
-        except TimeoutError:
-            self._metrics.publish_failures.labels(name).inc(len(records))
-            raise PublishError(f"publisher {name}: {topic}: not acknowledged within {limit_s:g}s") from None
+            if isinstance(exc, KafkaError):
+                raise PublishError(f"publisher {name}: {topic}: {exc}") from exc
+            if isinstance(exc, TimeoutError):
+                raise PublishError(f"publisher {name}: {topic}: not acknowledged within {limit_s:g}s") from None
+            raise  # cancelled: stop() gave up on a background send
         self._metrics.published.labels(name).inc(len(records))
         return [Delivery(r.topic, r.partition, r.offset) for r in results]
 
@@ -97,6 +120,10 @@ class Publishing:
         async def run() -> None:
             try:
                 [delivery] = await self.send_many(name, topic, [record])
+            except asyncio.CancelledError:
+                gave_up = PublishError(f"publisher {name}: {topic}: not acknowledged before publishing stopped")
+                self._call_back(name, on_done, None, gave_up)
+                raise
             except Exception as exc:
                 log.warning("publisher %s: background publish failed: %r", name, exc)
                 self._call_back(name, on_done, None, exc)
@@ -139,6 +166,37 @@ class Publishing:
         full = self._full.get(asyncio.current_task())
         if full is not None:
             await full.wait()
+
+
+async def close_producer(producer: AIOKafkaProducer, timeout_s: float) -> bool:
+    """``producer.stop()``, which flushes first, within ``timeout_s``: True if it did. aiokafka's
+    idempotent producer retries for as long as the broker is away, so that flush may never end. Past
+    ``timeout_s`` the producer's sender task is cancelled, which stop() takes as "no way to flush":
+    it closes once the request in flight ended (within ``request_timeout_ms``). Then the records it
+    still holds are failed, so whoever waits for one gets a KafkaError. (aiokafka 0.12-0.14 internals;
+    tests/test_faults.py stops producers this way while the broker is away.)"""
+    stopping = asyncio.create_task(producer.stop())
+    done, _ = await asyncio.wait([stopping], timeout=max(0.0, timeout_s))
+    if not done and (sender := producer._sender.sender_task) is not None:
+        sender.cancel()
+    await stopping
+    if not done:
+        _fail_held(producer._message_accumulator, KafkaError("the producer was closed before the broker acknowledged"))
+        await asyncio.sleep(0)  # the records' done callbacks run before the caller reports
+    return bool(done)
+
+
+def _fail_held(accumulator: Any, error: KafkaError) -> None:
+    """Fail every record batch a stopped producer still holds. Only once its sender is down: a sender
+    that finds a failed batch in flight queues it again and dies on it."""
+    queued = [batch for batches in accumulator._batches.values() for batch in batches]
+    # A batch sent before and queued again still has the callback that removes it from
+    # _pending_batches once it is done, but is no longer in there: fail_all alone makes that raise.
+    accumulator._pending_batches.update(batch for batch in queued if batch.retry_count > 0)
+    held = {*queued, *accumulator._pending_batches}
+    accumulator.fail_all(error)
+    for batch in held:  # failed too; awaited only while a batch is full: no "exception never retrieved"
+        batch._drain_waiter.exception()
 
 
 class Publisher:

@@ -160,8 +160,8 @@ def _tables(codecs: Mapping[str, Codec] | None) -> Tables:
 class MemoryPublishing(Publishing):
     """Publishing that keeps every acknowledged record in ``records`` instead of sending it."""
 
-    def __init__(self, metrics: Metrics) -> None:
-        super().__init__(KafkaSettings(), metrics)
+    def __init__(self, metrics: Metrics, shutdown_timeout_s: float) -> None:
+        super().__init__(KafkaSettings(), metrics, shutdown_timeout_s)
         self.records: dict[str, list[tuple[bytes, bytes | None]]] = {}
 
     async def start(self) -> None:
@@ -197,7 +197,7 @@ class Harness:
         )
         self._delivery = asyncio.Condition()  # notified after every delivered (or skipped) batch
         self._seq = 0
-        self._publishing = MemoryPublishing(self.metrics)
+        self._publishing = MemoryPublishing(self.metrics, self.sync.shutdown_timeout_s)
         self._publishers: dict[str, Publisher] = {}
         self._registrations: list[Registration] = []
 
