@@ -13,12 +13,23 @@ import aiohttp
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from datasync import DataSync, Delivery, PluginError, Publisher
+from datasync import (
+    ChangeEvent,
+    DataSync,
+    Delivery,
+    Plugin,
+    PluginContext,
+    PluginError,
+    Publisher,
+    ResyncEvent,
+    publish,
+)
 from datasync.admin import prepare_topics
 from datasync.bindings import TopicSpec
 from datasync.changefeed import Changefeed
 from datasync.codecs import AvroCodec, JsonCodec, StringCodec
 from datasync.errors import EncodeError
+from datasync.publish import PublishError
 from datasync.schemas import SchemaStore
 from datasync.settings import HttpSettings, KafkaSettings, SyncSettings
 from datasync.web import HttpServer
@@ -133,6 +144,57 @@ async def test_a_raising_on_done_callback_is_one_line_and_counted(
     assert [(r.levelname, r.getMessage()) for r in lines] == [
         ("ERROR", "publisher out: on_done callback raised ValueError('bug in the callback')")
     ]
+
+
+async def test_put_nowait_is_bounded_whatever_calls_it(
+    bootstrap: str, topic: str, engines: list[DataSync], producer: AIOKafkaProducer
+) -> None:
+    """A resync is one call: nothing can wait between its put_nowait sends, so the limit is enforced
+    by put_nowait itself. After the call the engine waits until the plugin has no send pending."""
+    extra = 200
+
+    class Flood(Plugin):
+        async def start(self, ctx: PluginContext) -> None:
+            self.out = ctx.publisher("out")
+            self.sent, self.peak, self.refused = 0, 0, ""
+            self.pending_at_change: list[int] = []
+
+        async def resync(self, event: ResyncEvent) -> None:
+            try:
+                for i in range(publish.MAX_IN_FLIGHT + 1):
+                    self.out.put_nowait(f"k{i}", "v")
+                    self.sent += 1
+                    self.peak = max(self.peak, len(engine.publishing._in_flight))
+            except PublishError as exc:
+                self.refused = str(exc)
+            for i in range(extra):  # how a call sends more
+                await self.out.room()
+                self.out.put_nowait(f"more{i}", "v")
+                self.peak = max(self.peak, len(engine.publishing._in_flight))
+
+        async def change(self, event: ChangeEvent) -> None:
+            self.pending_at_change.append(engine.publishing._pending.get("flood", 0))
+
+    engine = DataSync(KafkaSettings(bootstrap_servers=bootstrap), QUICK)
+    engines.append(engine)
+    engine.add_topic(TopicSpec(name=topic, partitions=1, value="string"), StringCodec())
+    engine.add_topic(TopicSpec(name=f"{topic}.out", partitions=1, value="string"), StringCodec(), read=False)
+    engine.add_publisher("out", f"{topic}.out")
+    plugin = Flood()
+    engine.watch("flood", plugin, {topic: [""]})
+    await engine.start()
+    async with asyncio.timeout(30):
+        await engine.wait_ready()
+    await put_all(producer, topic, [("a", "1")])
+    async with asyncio.timeout(10):
+        await engine.wait_for(lambda: plugin.pending_at_change != [])
+    assert plugin.sent == publish.MAX_IN_FLIGHT and plugin.peak == publish.MAX_IN_FLIGHT
+    assert plugin.refused == (
+        f"plugin flood: publisher out: {publish.MAX_IN_FLIGHT} put_nowait sends wait for the broker already;"
+        " await the publisher's room() first, or use put_many"
+    )
+    assert plugin.pending_at_change == [0]
+    assert engine.metrics.published.labels("out")._value.get() == publish.MAX_IN_FLIGHT + extra
 
 
 async def changefeed_engine(bootstrap: str, source: str, settings: dict[str, Any]) -> tuple[DataSync, str]:

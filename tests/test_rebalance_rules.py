@@ -66,7 +66,10 @@ async def test_holding_delivery_again_does_not_wait_for_a_drain_again() -> None:
     async def close(reg: Registration) -> None:
         pass
 
-    deliveries = Deliveries(PluginCalls(SyncSettings(), Metrics()), 100, 1, step, lambda reg: None)
+    async def room(plugin: str, most: int) -> None:
+        pass
+
+    deliveries = Deliveries(PluginCalls(SyncSettings(), Metrics(), room), 100, 1, step, lambda reg: None)
     reg = Registration("p", Slow(), {"t": ("",)}, {}, "full", None, close)
     reg.status.state = PluginState.READY
     deliveries.add(reg)

@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 
 from datasync.api import ChangeEvent, PluginContext, ResyncEvent
 from datasync.metrics import Metrics
+from datasync.publish import calling
 from datasync.registration import Registration
 from datasync.settings import SyncSettings
 from datasync.status import PluginState
@@ -26,9 +27,16 @@ PROGRESS_EVERY_S = 10.0  # how often a long plugin call logs that it is still ru
 
 
 class PluginCalls:
-    def __init__(self, sync: SyncSettings, metrics: Metrics, on_progress: Callable[[], None] = lambda: None) -> None:
+    def __init__(
+        self,
+        sync: SyncSettings,
+        metrics: Metrics,
+        room: Callable[[str, int], Awaitable[None]],
+        on_progress: Callable[[], None] = lambda: None,
+    ) -> None:
         self._sync = sync
         self._metrics = metrics
+        self._room = room  # Publishing.room: wait until a plugin has at most so many put_nowait sends pending
         self._on_progress = on_progress  # a long call that is still within its limit is progress
         self.running: dict[str, str] = {}  # plugin name -> kind of the call in flight
 
@@ -55,7 +63,7 @@ class PluginCalls:
         reg.status.resync_attempts += 1
         started = time.monotonic()
         try:
-            await self._timed(reg, "resync", self._sync.resync_timeout_s, lambda: reg.plugin.resync(event))
+            await self._published(reg, "resync", self._sync.resync_timeout_s, lambda: reg.plugin.resync(event))
         except Exception as exc:
             if reg.apply_status is not None:
                 await reg.apply_status.resynced(event, exc)
@@ -108,7 +116,7 @@ class PluginCalls:
         attempts = self._sync.change_max_attempts
         for attempt in range(1, attempts + 1):
             try:
-                await self._timed(reg, "change", self._sync.change_timeout_s, lambda: reg.plugin.change(event))
+                await self._published(reg, "change", self._sync.change_timeout_s, lambda: reg.plugin.change(event))
             except Exception as exc:
                 where = ", ".join(f"{c.key}@{c.revision}" for c in event.changes[:10])
                 if len(event.changes) > 10:
@@ -140,13 +148,24 @@ class PluginCalls:
             return True
         return False
 
+    async def _published(self, reg: Registration, kind: str, limit: float, call: Callable[[], Awaitable[None]]) -> None:
+        """A RESYNC or CHANGE call; then wait until the broker acknowledged (or gave up on) every
+        put_nowait send the plugin has pending, so that its next call may start MAX_IN_FLIGHT."""
+        try:
+            await self._timed(reg, kind, limit, call)
+        except Exception:
+            await self._room(reg.name, 0)
+            raise
+        await self._room(reg.name, 0)
+
     async def _timed(self, reg: Registration, kind: str, limit: float, call: Callable[[], Awaitable[None]]) -> None:
         started = time.monotonic()
         self.running[reg.name] = kind
         ticker = asyncio.create_task(self._still_running(reg, kind, started), name=f"datasync-ticker-{reg.name}")
         try:
             async with asyncio.timeout(limit):
-                await call()
+                with calling(reg.name):  # its put_nowait sends count against its own limit
+                    await call()
         except TimeoutError:
             self._metrics.plugin_failures.labels(reg.name, kind).inc()
             raise TimeoutError(f"{kind} took longer than {limit}s") from None

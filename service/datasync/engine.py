@@ -129,7 +129,7 @@ class DataSync:
         self._registrations: list[Registration] = []
         self._publishers: dict[str, Publisher] = {}
         self.publishing = Publishing(kafka, self.metrics, self.sync.shutdown_timeout_s)
-        self._calls = PluginCalls(self.sync, self.metrics, self._progress)
+        self._calls = PluginCalls(self.sync, self.metrics, self.publishing.room, self._progress)
         self._deliveries = Deliveries(
             self._calls, self.sync.plugin_queue_max_records, self.sync.fetch_max_records, self._step, self._skipped
         )
@@ -540,11 +540,9 @@ class DataSync:
         self.last_step = time.monotonic()
 
     async def _step(self) -> None:
-        """A plugin handled a batch: that is progress, and waiters re-check. Its next batch waits
-        until the producer has room for more background sends."""
+        """A plugin handled a batch: that is progress, and waiters re-check."""
         self._progress()
         await self._notify()
-        await self.publishing.room()
 
     def _skipped(self, reg: Registration) -> None:
         """A CHANGE batch failed every attempt and was skipped: the plugin's view diverged."""

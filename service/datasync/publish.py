@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,12 +25,38 @@ from datasync.settings import KafkaSettings
 
 log = logging.getLogger("datasync.publish")
 
-MAX_IN_FLIGHT = 5000  # background (put_nowait) sends pending per plugin at most before its calls wait
+MAX_IN_FLIGHT = 5000  # background (put_nowait) sends pending per plugin at most; one more raises
+
+# The plugin whose call runs (set by the engine around every plugin call; tasks a plugin starts
+# inherit it): its put_nowait sends count against its own MAX_IN_FLIGHT.
+_plugin: ContextVar[str | None] = ContextVar("datasync_plugin", default=None)
+
+
+@contextmanager
+def calling(plugin: str) -> Iterator[None]:
+    """Within this block (and in the tasks started in it), put_nowait sends are ``plugin``'s."""
+    token = _plugin.set(plugin)
+    try:
+        yield
+    finally:
+        _plugin.reset(token)
+
+
+def _owner() -> object:
+    """Whose sends these are: the plugin's whose call (or task) this is, else the current task's."""
+    plugin = _plugin.get()
+    return plugin if plugin is not None else asyncio.current_task()
+
+
+def _who(name: str) -> str:
+    plugin = _plugin.get()
+    return f"publisher {name}" if plugin is None else f"plugin {plugin}: publisher {name}"
 
 
 class PublishError(Exception):
-    """The broker did not acknowledge a record: ``__cause__`` is the Kafka error, or None when no
-    acknowledgement came within ``request_timeout_ms`` (the record may still land later)."""
+    """A record was not published: the broker did not acknowledge it (``__cause__`` is the Kafka
+    error, or None when no acknowledgement came within ``request_timeout_ms``: the record may still
+    land later), or put_nowait refused it because MAX_IN_FLIGHT sends were pending."""
 
 
 @dataclass(frozen=True)
@@ -52,10 +80,10 @@ class Publishing:
         self._shutdown_timeout_s = shutdown_timeout_s  # how long stop() waits for acknowledgements
         self._producer: AIOKafkaProducer | None = None
         self._in_flight: set[asyncio.Task[None]] = set()
-        # Background sends pending per task that spawned them (a plugin's delivery task), and the
-        # events its next call waits on while it has MAX_IN_FLIGHT of them.
-        self._pending: dict[asyncio.Task[Any] | None, int] = {}
-        self._full: dict[asyncio.Task[Any] | None, asyncio.Event] = {}
+        # Background sends pending per owner (a plugin's name, or a task outside plugin calls), and
+        # who waits until an owner has at most so many: (at most, waiter).
+        self._pending: dict[object, int] = {}
+        self._waiters: dict[object, list[tuple[int, asyncio.Future[None]]]] = {}
 
     async def start(self) -> None:
         producer = AIOKafkaProducer(**self._kafka.client_options(), acks="all", enable_idempotence=True, linger_ms=2)
@@ -115,7 +143,15 @@ class Publishing:
         return [Delivery(r.topic, r.partition, r.offset) for r in results]
 
     def spawn(self, name: str, topic: str, record: tuple[bytes, bytes | None], on_done: OnDone | None) -> None:
-        """Send one record in the background; the task is owned here and awaited by stop()."""
+        """Send one record in the background; the task is owned here and awaited by stop(). Raises
+        PublishError (and sends nothing) while the caller has MAX_IN_FLIGHT sends pending."""
+        owner = _owner()
+        pending = self._pending.get(owner, 0)
+        if pending >= MAX_IN_FLIGHT:
+            raise PublishError(
+                f"{_who(name)}: {MAX_IN_FLIGHT} put_nowait sends wait for the broker already;"
+                " await the publisher's room() first, or use put_many"
+            )
 
         async def run() -> None:
             try:
@@ -125,26 +161,27 @@ class Publishing:
                 self._call_back(name, on_done, None, gave_up)
                 raise
             except Exception as exc:
-                log.warning("publisher %s: background publish failed: %r", name, exc)
+                log.warning("%s: background publish failed: %r", _who(name), exc)
                 self._call_back(name, on_done, None, exc)
                 return
             self._call_back(name, on_done, delivery, None)
 
         task = asyncio.create_task(run())
         self._in_flight.add(task)
-        owner = asyncio.current_task()
         task.add_done_callback(lambda t: self._sent(t, owner))
-        pending = self._pending[owner] = self._pending.get(owner, 0) + 1
-        if pending >= MAX_IN_FLIGHT:
-            self._full.setdefault(owner, asyncio.Event())
+        self._pending[owner] = pending + 1
 
-    def _sent(self, task: asyncio.Task[None], owner: asyncio.Task[Any] | None) -> None:
+    def _sent(self, task: asyncio.Task[None], owner: object) -> None:
         self._in_flight.discard(task)
         pending = self._pending.pop(owner) - 1
         if pending:
             self._pending[owner] = pending
-        if pending < MAX_IN_FLIGHT and owner in self._full:
-            self._full.pop(owner).set()
+        waiters = self._waiters.pop(owner, [])
+        for most, waiter in waiters:
+            if pending <= most and not waiter.done():
+                waiter.set_result(None)
+        if still := [(most, waiter) for most, waiter in waiters if not waiter.done()]:
+            self._waiters[owner] = still
 
     def _call_back(
         self, name: str, on_done: OnDone | None, delivery: Delivery | None, exc: BaseException | None
@@ -156,16 +193,22 @@ class Publishing:
             on_done(delivery, exc)
         except Exception as error:
             self._metrics.publish_callback_failures.labels(name).inc()
-            log.error("publisher %s: on_done callback raised %r", name, error)
+            log.error("%s: on_done callback raised %r", _who(name), error)
 
-    async def room(self) -> None:
-        """Wait while the current task has MAX_IN_FLIGHT background sends pending: after each call a
-        plugin's delivery task waits here, so a plugin publishing fire-and-forget faster than the
-        producer sends slows its own delivery (and, once its queue is full, fetching) instead of
-        piling up sends that would time out in the producer."""
-        full = self._full.get(asyncio.current_task())
-        if full is not None:
-            await full.wait()
+    async def room(self, owner: object = None, most: int = MAX_IN_FLIGHT - 1) -> None:
+        """Wait until ``owner`` (default: the caller, as put_nowait counts it) has at most ``most``
+        background sends pending. After each plugin call the engine waits here until that plugin has
+        none, so every call may start MAX_IN_FLIGHT, and a plugin publishing fire-and-forget faster
+        than the producer sends slows its own delivery (and, once its queue is full, fetching)."""
+        owner = _owner() if owner is None else owner
+        if self._pending.get(owner, 0) <= most:
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(owner, []).append((most, waiter))
+        try:
+            await waiter
+        finally:
+            waiter.cancel()  # cancelled while waiting: _sent drops it
 
 
 async def close_producer(producer: AIOKafkaProducer, timeout_s: float) -> bool:
@@ -222,6 +265,12 @@ class Publisher:
         return await self._publishing.send_many(self.name, self.topic, records)
 
     def put_nowait(self, key: str, value: Any, on_done: OnDone | None = None) -> None:
-        """Encode now (raising EncodeError at once), send in the background, call ``on_done`` when acknowledged."""
+        """Encode now (raising EncodeError at once), send in the background, call ``on_done`` when
+        acknowledged. Raises PublishError, sending nothing, while MAX_IN_FLIGHT of the plugin's sends
+        wait for the broker: a call that sends more awaits ``room()`` first."""
         record = (key.encode(), None if value is None else self.codec.encode(value))
         self._publishing.spawn(self.name, self.topic, record, on_done)
+
+    async def room(self) -> None:
+        """Wait until put_nowait may send one more (the plugin has fewer than MAX_IN_FLIGHT pending)."""
+        await self._publishing.room()
