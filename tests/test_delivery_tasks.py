@@ -27,6 +27,10 @@ async def closed(reg: Registration) -> None:
     pass
 
 
+async def room(owner: str, pending: int) -> None:  # no publishing here
+    pass
+
+
 async def test_a_dead_delivery_task_is_logged_and_its_plugin_resynced(caplog: pytest.LogCaptureFixture) -> None:
     bugs = ["bug after the first batch"]
     delivered = asyncio.Event()
@@ -37,7 +41,7 @@ async def test_a_dead_delivery_task_is_logged_and_its_plugin_resynced(caplog: py
             raise RuntimeError(bugs.pop())
 
     plugin = Recorder("p")
-    deliveries = Deliveries(PluginCalls(SyncSettings(), Metrics()), 1, 100, on_step, lambda reg: None)
+    deliveries = Deliveries(PluginCalls(SyncSettings(), Metrics(), room), 1, 100, on_step, lambda reg: None)
     reg = Registration("p", plugin, {"t": [""]}, {}, "full", None, closed)
     deliveries.add(reg)
     reg.status.state = PluginState.READY
