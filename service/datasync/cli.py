@@ -28,7 +28,6 @@ from typing import Any
 from urllib.parse import quote
 
 import aiohttp
-from aiokafka import AIOKafkaProducer
 
 from datasync import __version__
 from datasync.admin import (
@@ -45,6 +44,8 @@ from datasync.confluent import prepare_encode
 from datasync.engine import DataSync
 from datasync.errors import ConfigError, EncodeError, SettingsError, TopicError
 from datasync.logs import setup_logging
+from datasync.metrics import Metrics
+from datasync.publish import PublishError, Publishing
 from datasync.registry import RegistryError
 from datasync.settings import Settings, SyncSettings, load_settings
 from datasync.startup import UNREACHABLE, GaveUp, Startup, connect_with_retry, reason
@@ -135,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except RegistryError as exc:
         print(f"datasync: schema registry: {exc}", file=sys.stderr)
+        return 1
+    except PublishError as exc:
+        print(f"datasync: {exc}", file=sys.stderr)
         return 1
 
 
@@ -364,12 +368,13 @@ async def _publish(settings: Settings, bindings: Bindings, args: argparse.Namesp
     except EncodeError as exc:
         raise ConfigError("VALUE", "", str(exc)) from exc
     await _require(settings, topic)
-    producer = AIOKafkaProducer(**settings.kafka.client_options(), acks="all", enable_idempotence=True)
+    # The service's own producer: a broker gone after the check is a PublishError, not a hang.
+    publishing = Publishing(settings.kafka, Metrics(), settings.sync.shutdown_timeout_s)
     try:
-        await producer.start()
-        meta = await producer.send_and_wait(topic.spec.name, raw, key=args.key.encode())
+        await publishing.start()
+        (meta,) = await publishing.send_many("cli", topic.spec.name, [(args.key.encode(), raw)])
     finally:
-        await producer.stop()
+        await publishing.stop()
     print(f"{'deleted' if raw is None else 'put'} {args.key} -> {meta.topic}/{meta.partition}@{meta.offset}")
     return 0
 
