@@ -12,6 +12,7 @@ from datasync import DataSync, PluginState
 from datasync.bindings import TopicSpec
 from datasync.codecs import AvroCodec, StringCodec
 from datasync.schemas import SchemaStore
+from datasync.settings import KafkaSettings
 
 from conftest import FAST, create, put_all
 from recorder import Recorder
@@ -426,3 +427,21 @@ async def test_a_failed_engine_task_is_logged_when_it_fails(
     assert [r.getMessage() for r in logged] == [
         "datasync-engine failed, the engine no longer synchronises: RuntimeError('a bug')"
     ]
+
+
+async def test_an_engine_that_reads_no_partition_runs(
+    bootstrap: str, topic: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Nothing to read (only a publish-only topic here; a fleet member owning no partition alike):
+    the engine runs, rather than its task failing on an empty assignment."""
+    engine = DataSync(KafkaSettings(bootstrap_servers=bootstrap), FAST)
+    engine.add_topic(TopicSpec(name=topic, partitions=1, value="string"), StringCodec(), read=False)
+    publisher = engine.add_publisher("out", topic)
+    try:
+        await engine.start()
+        async with asyncio.timeout(20):
+            await engine.wait_for(lambda: engine.generation >= 1)
+            await publisher.put("k", "v")
+        assert engine.running and not [r for r in caplog.records if r.levelname == "ERROR"]
+    finally:
+        await engine.stop()

@@ -88,6 +88,8 @@ class TableReader:
 
     async def rewind(self) -> dict[TopicPartition, int]:
         """Seek every partition to its beginning; return the end offsets to read up to."""
+        if not self.partitions:  # nothing to read: publish-only, or a fleet member that owns none
+            return {}
         consumer = self.consumer
         await consumer.seek_to_beginning(*self.partitions)
         ends: dict[TopicPartition, int] = await consumer.end_offsets(self.partitions)
