@@ -113,10 +113,11 @@ def registry_codec(name: str, store: SchemaStore, registry: RegistryClient | Non
     return RegistryCodec(registry, topic, reader)
 
 
-async def prepare_decode(codec: object, raws: Iterable[bytes | None]) -> None:
-    """Before decoding records of ``codec``: load what it needs from outside (no-op for most codecs)."""
+async def prepare_decode(codec: object, raws: Iterable[bytes | None], retry: bool = True) -> None:
+    """Before decoding records of ``codec``: load what it needs from outside (no-op for most codecs);
+    with ``retry``, wait for a registry that is away."""
     if isinstance(codec, RegistryCodec):
-        await codec.prepare_decode(raws)
+        await codec.prepare_decode(raws, retry)
 
 
 async def prepare_encode(codec: object, attempts: int = 3) -> None:

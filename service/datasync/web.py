@@ -22,7 +22,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from datasync.confluent import RegistryCodec, prepare_encode
+from datasync.confluent import prepare_decode, prepare_encode
 from datasync.engine import DataSync
 from datasync.errors import DecodeError, EncodeError
 from datasync.httpauth import read_refused, refusal
@@ -79,8 +79,7 @@ async def get_key(request: web.Request) -> web.Response:
     if entry is None:
         return _error(404, f"no key {key!r} in {topic!r}")
     try:
-        if isinstance(codec, RegistryCodec):  # its schema may have left the bounded cache since the read
-            await codec.prepare_decode([entry.value], retry=False)
+        await prepare_decode(codec, [entry.value], retry=False)  # a schema evicted since the read
         value = codec.decode(entry.value)
     except (DecodeError, RegistryError) as exc:  # the registry is away
         return _error(503, f"the value cannot be decoded now: {exc}")
